@@ -1,0 +1,135 @@
+"""NanoVLM configuration: a SigLIP vision tower, a pixel-shuffle projector and a causal language model.
+
+This file is copied next to the weights by `save_pretrained`, so it imports only from transformers.
+The defaults mirror the original nanoVLM (SigLIP2-B/16-512 + SmolLM2-360M-Instruct, pixel shuffle 4).
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+# google/siglip2-base-patch16-512 (vision part).
+SIGLIP2_B16_512 = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "image_size": 512,
+    "patch_size": 16,
+    "layer_norm_eps": 1e-6,
+    "hidden_act": "gelu_pytorch_tanh",
+    "vision_use_head": False,
+}
+
+# HuggingFaceTB/SmolLM2-360M-Instruct.
+SMOLLM2_360M = {
+    "hidden_size": 960,
+    "intermediate_size": 2560,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 15,
+    "num_key_value_heads": 5,
+    "head_dim": 64,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+SUPPORTED_VISION_MODEL_TYPES = ("siglip_vision_model",)
+
+
+class NanoVLMConfig(PreTrainedConfig):
+    r"""Configuration of a [`NanoVLMForConditionalGeneration`].
+
+    Args:
+        vision_config (`dict` or `SiglipVisionConfig`, *optional*):
+            The vision tower. Only fixed-resolution SigLIP/SigLIP2 towers (`siglip_vision_model`) are supported; its
+            `image_size` is the tile size. Defaults to SigLIP2-B/16-512 without the pooling head.
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Any decoder-only causal LM config (`model_type` picks the class). Defaults to SmolLM2-360M.
+        pixel_shuffle_factor (`int`, defaults to 4):
+            An n×n patch grid becomes (n/s)² image tokens of s²·D channels.
+        image_token_id (`int`, *optional*):
+            Id of the image-feature token in the text vocabulary (set by the tokenizer builder).
+        tie_word_embeddings (`bool`, *optional*):
+            Tie `lm_head` to the input embeddings; defaults to the text config's value.
+
+    Example:
+    ```python
+    >>> from nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration
+    >>> model = NanoVLMForConditionalGeneration(NanoVLMConfig())  # random init, 460M parameters
+    ```
+    """
+
+    model_type = "nanovlm"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="siglip_vision_model", init_kwargs=SIGLIP2_B16_512
+        ),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", init_kwargs=SMOLLM2_360M),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    pixel_shuffle_factor: int = 4
+    image_token_id: int | None = None
+    tie_word_embeddings: bool | None = None
+
+    def __post_init__(self, **kwargs):
+        for key in ("vision_config", "text_config"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, (dict, PreTrainedConfig)):
+                raise TypeError(f"`{key}` must be None, a dict or a PreTrainedConfig, got {type(value).__name__}.")
+        super().__post_init__(**kwargs)
+        if self.vision_config.model_type not in SUPPORTED_VISION_MODEL_TYPES:
+            raise TypeError(
+                f"`vision_config` must be a SigLIP vision config (model_type in {SUPPORTED_VISION_MODEL_TYPES}), got "
+                f"{type(self.vision_config).__name__} (model_type={self.vision_config.model_type!r}). For a full "
+                "SigLIP/SigLIP2 checkpoint pass its `.vision_config`."
+            )
+        # The pooling head is unused; keeping it breaks DDP (unused parameters) and wastes memory.
+        self.vision_config.vision_use_head = False
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        self.validate_sizes()
+
+    def validate_sizes(self) -> None:
+        """Cross-field checks; raises ValueError naming the fields, their values and the fix."""
+        vc = self.vision_config
+        s = self.pixel_shuffle_factor
+        if not isinstance(s, int) or isinstance(s, bool) or s < 1:
+            raise ValueError(f"`pixel_shuffle_factor` must be a positive int, got {s!r}.")
+        if vc.image_size % vc.patch_size != 0:
+            raise ValueError(
+                f"vision_config.image_size ({vc.image_size}) must be a multiple of vision_config.patch_size "
+                f"({vc.patch_size}); choose an image size of k*{vc.patch_size}."
+            )
+        grid = vc.image_size // vc.patch_size
+        if grid % s != 0:
+            raise ValueError(
+                f"The patch grid ({grid}x{grid} = image_size {vc.image_size} / patch_size {vc.patch_size}) must be "
+                f"divisible by pixel_shuffle_factor ({s}); use a factor that divides {grid}."
+            )
+        if self.image_token_id is not None and not 0 <= self.image_token_id < self.text_config.vocab_size:
+            raise ValueError(
+                f"image_token_id ({self.image_token_id}) is outside the text vocabulary (vocab_size "
+                f"{self.text_config.vocab_size}); build the tokenizer first and resize the embeddings."
+            )
+
+    @property
+    def tile_size(self) -> int:
+        """Side of one square image tile in pixels (the vision tower's input resolution)."""
+        return self.vision_config.image_size
+
+    @property
+    def image_seq_len(self) -> int:
+        """Number of image tokens one tile becomes after the pixel shuffle."""
+        grid = self.vision_config.image_size // self.vision_config.patch_size
+        return (grid // self.pixel_shuffle_factor) ** 2
+
+
+__all__ = ["NanoVLMConfig"]

@@ -1,0 +1,1 @@
+"""Data pipeline: FineVision-schema samples -> packed training batches."""

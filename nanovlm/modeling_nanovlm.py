@@ -1,0 +1,367 @@
+"""NanoVLM model: SigLIP vision tower -> pixel-shuffle projector -> causal LM, in transformers' standard VLM layout.
+
+Layout (what GenerationMixin, PEFT and TRL expect of a VLM):
+    NanoVLMForConditionalGeneration
+      .model                  NanoVLMModel
+        .vision_tower         SiglipVisionModel (no pooling head)
+        .multi_modal_projector  pixel shuffle + bias-free linear
+        .language_model       the text backbone (LlamaModel for SmolLM2)
+      .lm_head
+
+Non-standard parts:
+- image features replace the embeddings of the image tokens; the count check names both counts;
+- for packed rows (several samples per row, `position_ids` restarting at 0, no attention mask) the text model must
+  run without a KV cache, otherwise the packed-sequence mask is silently dropped and samples attend to each other:
+  `use_cache` is forced off when training or when labels are given.
+
+This file is copied next to the weights by `save_pretrained`; it imports its siblings only as `from .x import Y`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+
+from .configuration_nanovlm import NanoVLMConfig
+
+logger = logging.getLogger(__name__)
+
+
+def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, n*n, D) patch features -> (B, (n/s)^2, s^2*D): each s×s block of patches becomes one token.
+
+    The channel order matches the original nanoVLM (row-major within the block), so its projector weights load as-is.
+    """
+    bsz, seq, dim = x.shape
+    side = int(round(seq**0.5))
+    if side * side != seq or side % factor != 0:
+        raise ValueError(
+            f"pixel_shuffle needs a square patch grid divisible by the factor: got {seq} patches "
+            f"(side {seq**0.5:.2f}) and factor {factor}."
+        )
+    out = side // factor
+    x = x.reshape(bsz, out, factor, out, factor, dim)  # (B, h/s, s, w/s, s, D)
+    x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h/s, w/s, s, s, D)
+    return x.reshape(bsz, out * out, factor * factor * dim)  # (B, (n/s)^2, s^2 D)
+
+
+class NanoVLMMultiModalProjector(nn.Module):
+    """Pixel shuffle followed by a bias-free linear map into the text model's hidden size."""
+
+    def __init__(self, config: NanoVLMConfig):
+        super().__init__()
+        self.factor = config.pixel_shuffle_factor
+        in_dim = config.vision_config.hidden_size * self.factor**2
+        self.proj = nn.Linear(in_dim, config.text_config.hidden_size, bias=False)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixel_shuffle(image_features, self.factor))  # (N_tiles, image_seq_len, H_text)
+
+
+@dataclass
+class NanoVLMModelOutputWithPast(BaseModelOutputWithPast):
+    """Base model output plus the projected image features."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class NanoVLMCausalLMOutputWithPast(ModelOutput):
+    """Language-model output plus the projected image features."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class NanoVLMPreTrainedModel(PreTrainedModel):
+    config: NanoVLMConfig
+    config_class = NanoVLMConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the image-token scatter has a data-dependent count check
+
+
+class NanoVLMModel(NanoVLMPreTrainedModel):
+    """Vision tower + projector + text backbone, without the LM head."""
+
+    def __init__(self, config: NanoVLMConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = NanoVLMMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N_tiles, 3, S, S) pixels -> (N_tiles, image_seq_len, H_text) image embeddings."""
+        size = self.config.vision_config.image_size
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"pixel_values must have shape (num_tiles, 3, {size}, {size}), got {tuple(pixel_values.shape)}. "
+                "Use the NanoVLM image processor, which splits images into tiles of the vision tower's size."
+            )
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        features = self.vision_tower(pixel_values=pixel_values).last_hidden_state  # (N, n_patches, D_vision)
+        return self.multi_modal_projector(features)
+
+    def merge_image_features(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Write the image features into the positions of the image tokens, in order."""
+        if input_ids is not None:
+            mask = input_ids == self.config.image_token_id
+        else:
+            image_embed = self.get_input_embeddings().weight[self.config.image_token_id]
+            mask = (inputs_embeds == image_embed).all(-1)
+        n_tokens = int(mask.sum())
+        n_tiles, per_tile, _ = image_features.shape
+        if n_tokens != n_tiles * per_tile:
+            raise ValueError(
+                f"Image tokens and image features do not match: image tokens: {n_tokens}, image features: "
+                f"{n_tiles * per_tile} ({n_tiles} tiles x {per_tile} tokens). Build inputs with the NanoVLM processor "
+                "so each tile gets exactly one block of image tokens, and pass the pixel_values of every image."
+            )
+        flat = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), flat)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: object | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> NanoVLMModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if self.config.image_token_id is None and pixel_values is not None:
+            raise ValueError("config.image_token_id is not set; build the model with the NanoVLM tokenizer's ids.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, H)
+
+        image_features = None
+        if pixel_values is not None and pixel_values.numel() > 0:
+            image_features = self.get_image_features(pixel_values)
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
+        elif input_ids is not None and self.config.image_token_id is not None:
+            n_tokens = int((input_ids == self.config.image_token_id).sum())
+            if n_tokens and past_key_values is None:
+                raise ValueError(
+                    f"Image tokens and image features do not match: image tokens: {n_tokens}, image features: 0. "
+                    "Pass the pixel_values the processor returned."
+                )
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return NanoVLMModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
+    """NanoVLM with a language-modelling head; `generate` comes from transformers' GenerationMixin."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: NanoVLMConfig):
+        super().__init__(config)
+        self.model = NanoVLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    # save_pretrained records one auto class per class (`register_for_auto_class`); these point at the same class.
+    _extra_auto_classes = ("AutoModelForImageTextToText", "AutoModelForCausalLM")
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, also mapping AutoModelForImageTextToText/CausalLM in `auto_map`."""
+        if self._auto_class is not None:
+            name = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+            extra = {auto_class: name for auto_class in self._extra_auto_classes}
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **extra}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: object | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> NanoVLMCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
+            Next-token targets (unshifted, -100 ignored), as in every transformers causal LM.
+        position_ids (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
+            For packed rows, positions restarting at 0 at each sample (and no attention_mask): samples then cannot
+            attend to each other.
+        kwargs:
+            `num_items_in_batch` (the global label-token count the loss is divided by) and attention kwargs
+            (`cu_seq_lens_q`, ... for flash-attention varlen).
+        """
+        if labels is not None or self.training:
+            use_cache = False  # a cache disables the packed-sequence mask (see module docstring)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)  # (B, T, V)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+            )
+        return NanoVLMCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    @classmethod
+    def from_backbones(
+        cls,
+        vision_model: str | os.PathLike = "google/siglip2-base-patch16-512",
+        text_model: str | os.PathLike = "HuggingFaceTB/SmolLM2-360M-Instruct",
+        tokenizer=None,
+        pixel_shuffle_factor: int = 4,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        **from_pretrained_kwargs,
+    ) -> NanoVLMForConditionalGeneration:
+        """Build a NanoVLM from a pretrained SigLIP vision model and a pretrained causal LM.
+
+        Each argument is a hub id or a local folder. The vision tower drops SigLIP's pooling head; `tokenizer` (the
+        text model's tokenizer extended by `nanovlm.tokenizer.extend_tokenizer`) gives the image token id and the new
+        vocabulary size: new embedding rows are drawn from N(0, 0.02) as in nanoVLM, and tied weights stay tied.
+        """
+        vision_cfg = AutoConfig.from_pretrained(vision_model, **from_pretrained_kwargs)
+        vision_cfg = getattr(vision_cfg, "vision_config", vision_cfg)  # a full SigLIP checkpoint
+        text_cfg = AutoConfig.from_pretrained(text_model, **from_pretrained_kwargs)
+        config = NanoVLMConfig(
+            vision_config=vision_cfg.to_dict(),
+            text_config=text_cfg.to_dict(),
+            pixel_shuffle_factor=pixel_shuffle_factor,
+        )
+        if attn_implementation is not None:
+            config._attn_implementation = attn_implementation
+        model = cls(config)
+
+        vision_src = AutoModel.from_pretrained(vision_model, dtype=dtype, **from_pretrained_kwargs)
+        vision_src = getattr(vision_src, "vision_model", vision_src)  # SiglipModel / SiglipVisionModel -> transformer
+        vision_state = {k: v for k, v in vision_src.state_dict().items() if not k.startswith("head.")}
+        model.model.vision_tower.vision_model.load_state_dict(vision_state, strict=True)
+
+        text_src = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype, **from_pretrained_kwargs)
+        model.model.language_model.load_state_dict(text_src.get_decoder().state_dict(), strict=True)
+        if not config.tie_word_embeddings:
+            model.lm_head.load_state_dict(text_src.get_output_embeddings().state_dict())
+        del vision_src, text_src
+
+        if tokenizer is not None:
+            model.resize_for_tokenizer(tokenizer)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model
+
+    def resize_for_tokenizer(self, tokenizer, std: float = 0.02) -> None:
+        """Grow the vocabulary to `len(tokenizer)` (new rows ~ N(0, std)) and record the image token id."""
+        old = self.get_input_embeddings().weight.shape[0]
+        new = len(tokenizer)
+        if new > old:
+            self.resize_token_embeddings(new, mean_resizing=False)
+            with torch.no_grad():
+                self.get_input_embeddings().weight[old:].normal_(0.0, std)
+                if not self.config.tie_word_embeddings:
+                    self.get_output_embeddings().weight[old:].normal_(0.0, std)
+        image_token = getattr(tokenizer, "image_token", None)
+        if image_token is None:
+            raise ValueError(
+                "The tokenizer has no `image_token`; extend it with nanovlm.tokenizer.extend_tokenizer first."
+            )
+        self.config.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        for cfg in (self.config, self.config.text_config):
+            cfg.pad_token_id = tokenizer.pad_token_id
+        if self.generation_config is not None:
+            self.generation_config.pad_token_id = tokenizer.pad_token_id
+            self.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+__all__ = [
+    "NanoVLMForConditionalGeneration",
+    "NanoVLMModel",
+    "NanoVLMPreTrainedModel",
+    "NanoVLMMultiModalProjector",
+    "pixel_shuffle",
+]
