@@ -321,7 +321,7 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         vision_src = AutoModel.from_pretrained(vision_model, dtype=dtype, **from_pretrained_kwargs)
         vision_src = getattr(vision_src, "vision_model", vision_src)  # SiglipModel / SiglipVisionModel -> transformer
         vision_state = {k: v for k, v in vision_src.state_dict().items() if not k.startswith("head.")}
-        model.model.vision_tower.vision_model.load_state_dict(vision_state, strict=True)
+        model.model.vision_tower.load_state_dict(vision_state, strict=True)
 
         text_src = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype, **from_pretrained_kwargs)
         model.model.language_model.load_state_dict(text_src.get_decoder().state_dict(), strict=True)
