@@ -1,0 +1,579 @@
+"""Sequence packing: a pure knapsack packer and the stateful packed iterable dataset around it.
+
+What is here, and what is non-standard:
+
+- `knapsack_pack` groups items (token lengths + image counts) into packs under two caps, the sequence length and
+  the number of images per pack (best-fit decreasing, or a balanced worst-fit when the image cap binds). It is a
+  pure function on integers, so it is tested and benchmarked without tensors.
+- `nanovlm_balanced_greedy` re-implements the original nanoVLM packer as a baseline for `bench/packing.py`.
+- `real_token_fraction` measures how much of a batch is real tokens, for rows padded to the longest row of each
+  batch (what `PackedCollator` does) or to a fixed length (what nanoVLM does).
+- `PackedDataset` reads processed samples from a source in rounds of `buffer_size` positions, packs each round on
+  its own (no carry-over between rounds, so resuming is exact), shuffles the pack order with a seeded
+  `random.Random`, and yields packs that each carry the state needed to resume right after them.
+
+Pack format (what `PackedDataset` yields and `PackedCollator` consumes)::
+
+    {"samples": [sample, ...], "state": {"worker": w, "num_workers": W, "epoch": e,
+                                          "round_start": j, "packs_done": k}}
+
+`state` is the position *after* this pack: re-read the round of worker `w` that starts at its local position `j`,
+re-pack it (deterministic), skip its first `k` packs. Combine the states of the packs you consumed with
+`combine_pack_states` and give the result to `PackedDataset.load_state_dict` to continue exactly after them.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+import random
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "nanovlm.PackedDataset/1"
+NANOVLM_EXTRA_PACKS = 5  # nanoVLM opens ceil(total length / seq_length) + 5 packs up front
+
+__all__ = [
+    "PackedDataset",
+    "combine_pack_states",
+    "group_lengths",
+    "knapsack_pack",
+    "nanovlm_balanced_greedy",
+    "real_token_fraction",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure packers
+
+
+def _check_items(lengths: Sequence[int], n_images: Sequence[int], seq_length: int, max_images: int | None) -> None:
+    """Raise ValueError unless every item fits in an empty pack on its own."""
+    if len(lengths) != len(n_images):
+        raise ValueError(
+            f"lengths and n_images must have one entry per item; got {len(lengths)} lengths and "
+            f"{len(n_images)} image counts."
+        )
+    if not isinstance(seq_length, int) or seq_length < 1:
+        raise ValueError(f"seq_length must be a positive int; got {seq_length!r}.")
+    if max_images is not None and (not isinstance(max_images, int) or max_images < 0):
+        raise ValueError(f"max_images must be None (no cap) or an int >= 0; got {max_images!r}.")
+    if not lengths:
+        return
+    # Builtins over the whole list first (fast); locate the offender only when something is wrong.
+    if max(lengths) > seq_length or min(lengths) < 1:
+        i = next(i for i, n in enumerate(lengths) if n > seq_length or n < 1)
+        raise ValueError(
+            f"item {i} has length {lengths[i]}, outside [1, seq_length={seq_length}]: upstream must skip samples "
+            f"longer than the sequence length (set the processor's max sample length <= {seq_length})."
+        )
+    if min(n_images) < 0 or (max_images is not None and max(n_images) > max_images):
+        i = next(i for i, m in enumerate(n_images) if m < 0 or (max_images is not None and m > max_images))
+        raise ValueError(
+            f"item {i} has {n_images[i]} images, outside [0, max_images={max_images}]: upstream must skip samples "
+            f"with more images than the per-pack cap (or raise max_images_per_pack)."
+        )
+
+
+def _best_fit_decreasing(
+    lengths: Sequence[int], n_images: Sequence[int], seq_length: int, max_images: int | None
+) -> list[list[int]]:
+    """Longest item first, into the open pack with the least room left that fits it and has image room.
+
+    Packs with room are kept in a list sorted by room left, so the tightest fit is one bisect away; only when that
+    pack lacks image room do we scan on to roomier packs. Full packs, except a few at the end.
+    """
+    n = len(lengths)
+    order = sorted(range(n), key=lengths.__getitem__, reverse=True)  # stable: ties keep index order
+    stride = n + 1  # a pack's key is room * stride + pack id: one int sorts by room, then by id
+    keys: list[int] = []  # keys of the packs that still have room, ascending
+    groups: list[list[int]] = []
+    pack_images: list[int] = []
+    capped = max_images is not None
+    for i in order:
+        length, images = lengths[i], n_images[i]
+        pos = bisect_left(keys, length * stride)
+        if capped and images:
+            while pos < len(keys) and pack_images[keys[pos] % stride] + images > max_images:
+                pos += 1  # tightest pack is out of image room: try the next roomier one
+        if pos < len(keys):
+            key = keys.pop(pos)
+            pack, room = key % stride, key // stride - length
+            groups[pack].append(i)
+            pack_images[pack] += images
+        else:
+            pack, room = len(groups), seq_length - length
+            groups.append([i])
+            pack_images.append(images)
+        if room > 0:
+            insort(keys, room * stride + pack)
+    return groups
+
+
+def _worst_fit_balanced(
+    lengths: Sequence[int], n_images: Sequence[int], seq_length: int, max_images: int | None, n_packs: int
+) -> list[list[int]]:
+    """Longest item first, into the least-loaded of `n_packs` packs that fits it and has image room (else a new one).
+
+    Spreads items, and with them images, evenly: the right shape when the image cap, not the length, is what
+    limits packs. Packs are kept sorted by load, so the least-loaded pack is at the front.
+    """
+    n = len(lengths)
+    order = sorted(range(n), key=lengths.__getitem__, reverse=True)
+    cap = math.inf if max_images is None else max_images
+    stride = n + n_packs + 1
+    keys = list(range(n_packs))  # load * stride + pack id, ascending; all packs start empty
+    loads, pack_images = [0] * n_packs, [0] * n_packs
+    groups: list[list[int]] = [[] for _ in range(n_packs)]
+    for i in order:
+        length, images = lengths[i], n_images[i]
+        pos, pack = 0, -1
+        while pos < len(keys):
+            candidate = keys[pos] % stride
+            if loads[candidate] + length > seq_length:
+                break  # every later pack is at least as loaded
+            if pack_images[candidate] + images <= cap:
+                pack = candidate
+                del keys[pos]
+                break
+            pos += 1
+        if pack < 0:
+            pack = len(groups)
+            groups.append([])
+            loads.append(0)
+            pack_images.append(0)
+        groups[pack].append(i)
+        loads[pack] += length
+        pack_images[pack] += images
+        insort(keys, loads[pack] * stride + pack)
+    return [g for g in groups if g]
+
+
+def knapsack_pack(
+    lengths: Sequence[int], n_images: Sequence[int], seq_length: int, max_images: int | None = None
+) -> list[list[int]]:
+    """Group items into as few packs as we can under a length cap and an image cap.
+
+    Up to three greedy passes, all longest item first, and the one with the fewest packs wins:
+
+    1. best-fit decreasing: full packs; the winner when length is the binding cap. Returned at once when it
+       reaches the lower bound max(ceil(total length / seq_length), ceil(total images / max_images)).
+    2. balanced worst-fit over lower-bound many packs: spreads items and images evenly; the winner when the image
+       cap binds.
+    3. balanced worst-fit over ceil(total length / seq_length) + 5 packs: this is nanoVLM's packer (same choices,
+       sorted keys instead of a sort per item), so we never need more packs than nanoVLM.
+
+    On a tie a balanced result wins: its even loads waste less when rows are padded to the longest row.
+
+    Args:
+        lengths: token count of each item.
+        n_images: image count of each item.
+        seq_length: the most tokens a pack may hold.
+        max_images: the most images a pack may hold; None for no cap.
+
+    Returns:
+        Groups of item indices, each item in exactly one group, items within a group longest first. Every group's
+        total length is <= seq_length and its image count <= max_images. Deterministic for given inputs.
+
+    Raises:
+        ValueError: an item is longer than seq_length (or shorter than 1), or has more images than max_images.
+    """
+    _check_items(lengths, n_images, seq_length, max_images)
+    if not lengths:
+        return []
+    length_bound = -(-sum(lengths) // seq_length)
+    lower_bound = max(length_bound, -(-sum(n_images) // max_images) if max_images else 0)
+    full = _best_fit_decreasing(lengths, n_images, seq_length, max_images)
+    if len(full) <= lower_bound:
+        return full
+    best = _worst_fit_balanced(lengths, n_images, seq_length, max_images, lower_bound)
+    if len(best) > lower_bound and length_bound + NANOVLM_EXTRA_PACKS != lower_bound:
+        nanovlm = _worst_fit_balanced(lengths, n_images, seq_length, max_images, length_bound + NANOVLM_EXTRA_PACKS)
+        best = nanovlm if len(nanovlm) < len(best) else best
+    return best if len(best) <= len(full) else full
+
+
+def nanovlm_balanced_greedy(
+    lengths: Sequence[int],
+    n_images: Sequence[int],
+    seq_length: int,
+    max_images: int | None = None,
+    delta: int = NANOVLM_EXTRA_PACKS,
+    overflow: Literal["new_bin", "drop"] = "new_bin",
+) -> tuple[list[list[int]], list[int]]:
+    """The original nanoVLM packer ("balanced greedy knapsack"), kept as a baseline for benchmarks.
+
+    Items are taken longest first. It opens ceil(total length / seq_length) + `delta` packs up front and puts
+    each item into the least-loaded pack (packs re-sorted by load for every item) that fits its length and has
+    image room. nanoVLM then left-pads every pack to `seq_length`.
+
+    Args:
+        lengths: token count of each item.
+        n_images: image count of each item.
+        seq_length: the most tokens a pack may hold.
+        max_images: the most images a pack may hold; None for no cap.
+        delta: extra packs opened up front (nanoVLM uses 5).
+        overflow: what to do with an item that fits in no open pack: "new_bin" opens a pack for it (what the
+            nanoVLM code does), "drop" leaves it out and reports it.
+
+    Returns:
+        (groups, dropped): non-empty groups of item indices, and the indices left out (items that do not fit an
+        empty pack, which nanoVLM filters out before packing, plus with overflow="drop" the items that fit nowhere).
+    """
+    if overflow not in ("new_bin", "drop"):
+        raise ValueError(f"overflow must be 'new_bin' or 'drop'; got {overflow!r}.")
+    if len(lengths) != len(n_images):
+        raise ValueError(f"got {len(lengths)} lengths but {len(n_images)} image counts; give one of each per item.")
+    cap = math.inf if max_images is None else max_images
+    items = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+    dropped = [i for i in items if lengths[i] > seq_length or n_images[i] > cap]
+    items = [i for i in items if lengths[i] <= seq_length and n_images[i] <= cap]
+    n_bins = -(-sum(lengths[i] for i in items) // seq_length) + delta
+    loads, images, groups = [0] * n_bins, [0] * n_bins, [[] for _ in range(n_bins)]
+    for i in items:
+        chosen = None
+        for b in sorted(range(len(loads)), key=loads.__getitem__):  # least-loaded first
+            if loads[b] + lengths[i] <= seq_length and images[b] + n_images[i] <= cap:
+                chosen = b
+                break
+        if chosen is None:
+            if overflow == "drop":
+                dropped.append(i)
+                continue
+            chosen = len(loads)
+            loads.append(0)
+            images.append(0)
+            groups.append([])
+        groups[chosen].append(i)
+        loads[chosen] += lengths[i]
+        images[chosen] += n_images[i]
+    return [g for g in groups if g], sorted(dropped)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fill measurement
+
+
+def group_lengths(groups: Iterable[Sequence[int]], lengths: Sequence[int]) -> list[int]:
+    """Total token length of each group of item indices."""
+    return [sum(lengths[i] for i in group) for group in groups]
+
+
+def real_token_fraction(
+    pack_lengths: Sequence[int],
+    batch_size: int = 1,
+    pad_to_length: int | None = None,
+    pad_to_multiple_of: int | None = None,
+) -> float:
+    """Fraction of batch tokens that are real (not padding), packs batched in the given order.
+
+    Args:
+        pack_lengths: real tokens in each pack (one pack = one row).
+        batch_size: rows per batch; consecutive packs form a batch, the last one may be short.
+        pad_to_length: pad every row to this length (nanoVLM pads to seq_length); None pads each row to the longest
+            row of its batch (what `PackedCollator` does).
+        pad_to_multiple_of: round the padded row length up to a multiple of this.
+
+    Returns:
+        real tokens / (rows x padded row length), summed over batches; 1.0 for no packs.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    real = sum(pack_lengths)
+    total = 0
+    for start in range(0, len(pack_lengths), batch_size):
+        rows = pack_lengths[start : start + batch_size]
+        width = max(rows) if pad_to_length is None else pad_to_length
+        if width < max(rows):
+            raise ValueError(f"a pack holds {max(rows)} tokens, more than pad_to_length={pad_to_length}.")
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        total += width * len(rows)
+    return real / total if total else 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resumable state
+
+
+def _worker_state(worker: int, num_workers: int, epoch: int, round_start: int, packs_done: int) -> dict[str, int]:
+    return {
+        "worker": worker,
+        "num_workers": num_workers,
+        "epoch": epoch,
+        "round_start": round_start,
+        "packs_done": packs_done,
+    }
+
+
+def _empty_state() -> dict[str, Any]:
+    return {"format": STATE_FORMAT, "num_workers": None, "next_worker": 0, "epoch": 0, "workers": {}}
+
+
+def _fold(state: dict[str, Any], pack_state: Mapping[str, int]) -> None:
+    """Record one consumed pack's state in a dataset state, in place."""
+    num_workers = pack_state["num_workers"]
+    if state["num_workers"] is not None and state["num_workers"] != num_workers:
+        raise ValueError(
+            f"a pack state comes from {num_workers} worker(s) but the state so far from {state['num_workers']}: "
+            "combine the states of one DataLoader only."
+        )
+    state["num_workers"] = num_workers
+    state["workers"][str(pack_state["worker"])] = dict(pack_state)
+    state["next_worker"] = (pack_state["worker"] + 1) % num_workers
+
+
+def combine_pack_states(
+    pack_states: Iterable[Mapping[str, int] | None], previous: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Fold the states of consumed packs, in consumption order, into a `PackedDataset` state.
+
+    The last state seen per worker wins; `next_worker` records which worker DataLoader will ask next, so that a
+    resumed DataLoader (which always starts with its worker 0) continues in the same order.
+
+    Args:
+        pack_states: the `state` of each consumed pack (`batch["data_state"]` from `PackedCollator`), oldest first.
+            None entries (packs without state) are ignored.
+        previous: a state returned earlier by this function or `PackedDataset.state_dict`, to update (not mutated).
+
+    Returns:
+        {"format", "num_workers", "next_worker", "epoch", "workers": {"<worker>": pack state}}, JSON-serializable.
+    """
+    state = copy.deepcopy(dict(previous)) if previous else _empty_state()
+    for pack_state in pack_states:
+        if pack_state is not None:
+            _fold(state, pack_state)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dataset
+
+
+class PackedDataset(IterableDataset):
+    """Packs processed samples into groups under `seq_length` and `max_images_per_pack`, resumably.
+
+    Source protocol (one of, checked in this order):
+
+    - stream with `iter_from(start, stride)`: yields the samples at positions start, start+stride, ... (lets the
+      source skip cheaply, e.g. before decoding images);
+    - map-style: `__len__` and `__getitem__(int)`;
+    - any other iterable: read with `itertools.islice` (exact, but a resume re-reads the skipped prefix).
+
+    A sample is a dict with `input_ids` (T,), `labels` (T,), `pixel_values` (n_tiles, 3, H, W) or None and
+    `n_images`; a None sample (skipped upstream) takes its position but is not packed. If the source has
+    `set_epoch(epoch)` it is called before each epoch is read, so the source can reshuffle.
+
+    Reading: with W DataLoader workers, worker w reads the positions w, w+W, w+2W, ... of the source (its local
+    positions 0, 1, 2, ...), so nothing is read twice and nothing is lost. Each worker reads `buffer_size` of its
+    positions per round, packs them with `knapsack_pack`, shuffles the packs with `random.Random` seeded by
+    (seed, epoch, worker, W, round start) and yields them as `{"samples": [...], "state": {...}}` (see the module
+    docstring). There is no carry-over between rounds: the last packs of a round may be less full, and in return a
+    round can be re-read and re-packed identically on resume.
+
+    Resume contract:
+
+    - num_workers=0: `state_dict()` is the state after the last pack this object yielded; give it to
+      `load_state_dict` of a fresh dataset (same source, seed, sizes) and iteration continues with the next pack.
+    - DataLoader workers iterate copies, so record the consumed packs' states instead: `combine_pack_states(
+      batch["data_state"] for each batch)`. Load that before creating the DataLoader (or with
+      `persistent_workers=False`), use the same `num_workers`, and each worker continues after its last consumed
+      pack, in the same worker order as before.
+    - Each `__iter__` starts from the loaded state (or the start of epoch 0), like a sampler without `set_epoch`.
+      `set_epoch(e)` (called by `Trainer` each epoch) moves every worker that is behind epoch `e` to its start.
+
+    Args:
+        source: the processed samples (see the protocol above).
+        seq_length: the most tokens per pack.
+        max_images_per_pack: the most images (or tiles, see `image_unit`) per pack; None for no cap.
+        buffer_size: source positions per worker per round; bigger packs tighter but delays the first pack.
+        seed: seeds the pack order shuffle.
+        infinite: loop over epochs forever; False stops after the epoch the state is in.
+        image_unit: what the image cap counts: "images" (sample["n_images"]) or "tiles" (pixel_values.shape[0]).
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        seq_length: int,
+        max_images_per_pack: int | None = None,
+        buffer_size: int = 1024,
+        seed: int = 0,
+        infinite: bool = False,
+        image_unit: Literal["images", "tiles"] = "images",
+    ) -> None:
+        super().__init__()
+        if not (hasattr(source, "iter_from") or hasattr(source, "__getitem__") or hasattr(source, "__iter__")):
+            raise TypeError(
+                f"source of type {type(source).__name__} is not readable: give an object with iter_from(start, "
+                "stride), a map-style dataset (__len__, __getitem__) or an iterable of processed samples."
+            )
+        if not isinstance(seq_length, int) or seq_length < 1:
+            raise ValueError(f"seq_length must be a positive int; got {seq_length!r}.")
+        if max_images_per_pack is not None and (not isinstance(max_images_per_pack, int) or max_images_per_pack < 0):
+            raise ValueError(f"max_images_per_pack must be None or an int >= 0; got {max_images_per_pack!r}.")
+        if not isinstance(buffer_size, int) or buffer_size < 1:
+            raise ValueError(f"buffer_size must be a positive int; got {buffer_size!r}.")
+        if image_unit not in ("images", "tiles"):
+            raise ValueError(f"image_unit must be 'images' or 'tiles'; got {image_unit!r}.")
+        self.source = source
+        self.seq_length = seq_length
+        self.max_images_per_pack = max_images_per_pack
+        self.buffer_size = buffer_size
+        self.seed = seed
+        self.infinite = infinite
+        self.image_unit = image_unit
+        self._resume = _empty_state()  # where the next __iter__ starts
+        self._progress: dict[str, Any] | None = None  # state after the last pack yielded in this process
+
+    # -- state ------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state after the last pack this object yielded (num_workers=0), else the state iteration starts from.
+
+        With DataLoader workers this object yields nothing itself: use `combine_pack_states` on the consumed packs.
+        """
+        return copy.deepcopy(self._progress if self._progress is not None else self._resume)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the next iteration right after the packs recorded in `state`.
+
+        Args:
+            state: from `state_dict()` or `combine_pack_states`, or a single pack's state when num_workers was 0.
+        """
+        if "workers" not in state:  # one pack's state
+            if state.get("num_workers") != 1:
+                raise ValueError(
+                    f"a single pack state from a DataLoader with {state.get('num_workers')} workers does not say "
+                    "where the other workers were: pass combine_pack_states(all consumed pack states) instead."
+                )
+            state = combine_pack_states([state])
+        if state.get("format", STATE_FORMAT) != STATE_FORMAT:
+            raise ValueError(
+                f"state format {state.get('format')!r} is not {STATE_FORMAT!r}: it is from another loader."
+            )
+        self._resume = copy.deepcopy(dict(state))
+        self._progress = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move every worker that is behind `epoch` to the start of `epoch` (workers already there keep going)."""
+        workers = {w: s for w, s in self._resume["workers"].items() if s["epoch"] >= epoch}
+        if epoch > self._resume["epoch"] or len(workers) < len(self._resume["workers"]):
+            self._resume["epoch"] = max(epoch, self._resume["epoch"])
+            self._resume["workers"] = workers
+            self._progress = None
+
+    # -- reading ----------------------------------------------------------------------------------------------
+
+    def _read(self, epoch: int, worker: int, num_workers: int, start: int) -> Iterator[Any]:
+        """Yield the samples at this worker's local positions start, start+1, ... for `epoch`."""
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(epoch)
+        first = worker + start * num_workers
+        if hasattr(self.source, "iter_from"):
+            return iter(self.source.iter_from(first, num_workers))
+        if hasattr(self.source, "__getitem__") and hasattr(self.source, "__len__"):
+            return (self.source[i] for i in range(first, len(self.source), num_workers))
+        return itertools.islice(iter(self.source), first, None, num_workers)
+
+    def _measure(self, sample: Mapping[str, Any], position: int) -> tuple[int, int]:
+        """(token length, image count) of the sample at source `position`, checked against the caps."""
+        length = len(sample["input_ids"])
+        pixel_values = sample.get("pixel_values")
+        if self.image_unit == "tiles":
+            images = 0 if pixel_values is None else int(pixel_values.shape[0])
+        else:
+            images = sample.get("n_images")
+            if images is None:  # conservative: count tiles
+                images = 0 if pixel_values is None else int(pixel_values.shape[0])
+        if length > self.seq_length:
+            raise ValueError(
+                f"sample at source position {position} has {length} tokens, more than seq_length={self.seq_length}: "
+                f"skip such samples upstream (processor max sample length <= {self.seq_length})."
+            )
+        if self.max_images_per_pack is not None and images > self.max_images_per_pack:
+            raise ValueError(
+                f"sample at source position {position} has {images} {self.image_unit}, more than "
+                f"max_images_per_pack={self.max_images_per_pack}: skip such samples upstream or raise the cap."
+            )
+        return length, int(images)
+
+    def _round_packs(self, samples: list[Any], epoch: int, worker: int, num_workers: int, start: int) -> list[list]:
+        """Pack one round's samples and shuffle the pack order deterministically."""
+        kept = [
+            (s, *self._measure(s, worker + (start + j) * num_workers)) for j, s in enumerate(samples) if s is not None
+        ]
+        groups = knapsack_pack([k[1] for k in kept], [k[2] for k in kept], self.seq_length, self.max_images_per_pack)
+        random.Random(f"{self.seed}-{epoch}-{worker}-{num_workers}-{start}").shuffle(groups)
+        return [[kept[i][0] for i in group] for group in groups]
+
+    def _iter_worker(self, worker: int, num_workers: int, state: Mapping[str, int] | None) -> Iterator[dict]:
+        """Yield this (logical) worker's packs from `state` on."""
+        if state is None:
+            epoch, start, skip = self._resume["epoch"], 0, 0
+        else:
+            epoch, start, skip = state["epoch"], state["round_start"], state["packs_done"]
+        while True:
+            reader = self._read(epoch, worker, num_workers, start)
+            from_start, packed = start == 0, 0
+            while True:
+                samples = list(itertools.islice(reader, self.buffer_size))
+                if not samples:
+                    break
+                packs = self._round_packs(samples, epoch, worker, num_workers, start)
+                packed += len(packs)
+                end_of_epoch = len(samples) < self.buffer_size
+                for k in range(skip, len(packs)):
+                    if k < len(packs) - 1:
+                        after = (epoch, start, k + 1)  # same round, k + 1 packs done
+                    elif end_of_epoch and self.infinite:
+                        after = (epoch + 1, 0, 0)
+                    else:
+                        after = (epoch, start + len(samples), 0)  # next round
+                    yield {"samples": packs[k], "state": _worker_state(worker, num_workers, *after)}
+                skip = 0
+                start += len(samples)
+                if end_of_epoch:
+                    break
+            if not self.infinite:
+                return
+            if from_start and not packed:  # looping on would spin forever without yielding
+                raise ValueError(
+                    f"worker {worker} of {num_workers} read no samples in epoch {epoch} (every position empty or "
+                    "None): give a non-empty source with at least num_workers samples, or use infinite=False."
+                )
+            epoch, start, skip = epoch + 1, 0, 0
+            logger.debug("worker %d/%d starts epoch %d", worker, num_workers, epoch)
+
+    def __iter__(self) -> Iterator[dict]:
+        """Yield packs from the loaded state on; in a DataLoader worker, only that worker's share."""
+        info = get_worker_info()
+        physical, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        resume = self._resume
+        if resume["num_workers"] is not None and resume["num_workers"] != num_workers:
+            raise ValueError(
+                f"the loaded state was recorded with {resume['num_workers']} DataLoader worker(s) (num_workers=0 "
+                f"counts as 1) but this iteration runs {num_workers}: resume with the same num_workers."
+            )
+        # DataLoader asks workers 0, 1, ... in turn from scratch: let physical worker 0 play the logical worker
+        # that was due next, so a resumed run sees the same pack order as an uninterrupted one.
+        worker = (physical + resume["next_worker"]) % num_workers
+        if info is None:
+            self._progress = copy.deepcopy(resume)
+        for pack in self._iter_worker(worker, num_workers, resume["workers"].get(str(worker))):
+            if info is None:
+                _fold(self._progress, pack["state"])
+            yield pack
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(seq_length={self.seq_length}, max_images_per_pack={self.max_images_per_pack}, "
+            f"buffer_size={self.buffer_size}, seed={self.seed}, infinite={self.infinite})"
+        )
