@@ -11,8 +11,9 @@ Non-standard on purpose:
   token from the previous sample's last token (labels are unshifted; the loss shifts them).
 - `pixel_values` concatenates every sample's tiles in token order (row 0's samples first, then row 1, ...), which
   is the order the image tokens appear in `input_ids.flatten()`.
-- Two non-tensor keys the trainer pops before the forward: `stats` (plain ints for logging) and `data_state`
-  (each pack's resume state, see `nanovlm.data.packing.combine_pack_states`).
+- Non-tensor keys the trainer pops before the forward: `stats` (plain ints for logging), `data_state` (each
+  pack's resume state, see `nanovlm.data.packing.combine_pack_states`) and, when the source counts skipped
+  samples, `skipped` (each worker's cumulative skip counts per reason).
 """
 
 from __future__ import annotations
@@ -133,4 +134,7 @@ class PackedCollator:
             "num_tiles": sum(int(p.shape[0]) for p in pixel_values),
         }
         batch["data_state"] = states
+        skipped = [pack["skipped"] for pack in packs if isinstance(pack, Mapping) and pack.get("skipped")]
+        if skipped:  # the latest cumulative skip counts of each worker seen in this batch
+            batch["skipped"] = skipped
         return batch

@@ -537,7 +537,11 @@ class PackedDataset(IterableDataset):
                         after = (epoch + 1, 0, 0)
                     else:
                         after = (epoch, start + len(samples), 0)  # next round
-                    yield {"samples": packs[k], "state": _worker_state(worker, num_workers, *after)}
+                    pack = {"samples": packs[k], "state": _worker_state(worker, num_workers, *after)}
+                    counter = getattr(self.source, "counter", None)
+                    if counter is not None:  # this worker's skip counts so far, for the trainer's logs
+                        pack["skipped"] = {"worker": worker, "counts": dict(counter.reasons)}
+                    yield pack
                 skip = 0
                 start += len(samples)
                 if end_of_epoch:
