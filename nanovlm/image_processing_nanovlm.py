@@ -28,6 +28,10 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
+class ImageTooLargeError(ValueError):
+    """An image has more pixels than the configured cap (decompression-bomb guard)."""
+
+
 class NanoVLMImageProcessorKwargs(ImagesKwargs, total=False):
     tile_size: int
     max_image_size: int
@@ -78,7 +82,7 @@ def load_image(image, max_pixels: int | None = None) -> Image.Image:
         if width == 0 or height == 0:
             raise ValueError(f"Image has zero size ({width}x{height}).")
         if max_pixels is not None and width * height > max_pixels:
-            raise ValueError(
+            raise ImageTooLargeError(
                 f"Image of {width}x{height} = {width * height} pixels exceeds the cap of {max_pixels} pixels "
                 "(decompression-bomb guard)."
             )
@@ -220,4 +224,4 @@ def _flatten(images):
         yield images
 
 
-__all__ = ["NanoVLMImageProcessor", "load_image", "to_rgb", "resized_size"]
+__all__ = ["NanoVLMImageProcessor", "ImageTooLargeError", "load_image", "to_rgb", "resized_size"]

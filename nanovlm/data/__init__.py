@@ -1,1 +1,22 @@
-"""Data pipeline: FineVision-schema samples -> packed training batches."""
+"""Data pipeline: FineVision-schema rows -> samples -> packs -> batches (see DESIGN.md, "One sample's way")."""
+
+from .collator import PackedCollator
+from .conversations import RatingThresholds
+from .packing import PackedDataset, combine_pack_states, knapsack_pack
+from .samples import SampleBuilder, SampleDataset, SampleStream, SkipCounter
+from .sources import load_finevision, shard_for_rank, split_train_val
+
+__all__ = [
+    "PackedCollator",
+    "PackedDataset",
+    "RatingThresholds",
+    "SampleBuilder",
+    "SampleDataset",
+    "SampleStream",
+    "SkipCounter",
+    "combine_pack_states",
+    "knapsack_pack",
+    "load_finevision",
+    "shard_for_rank",
+    "split_train_val",
+]

@@ -1,0 +1,449 @@
+"""FineVision rows -> training samples (token ids, assistant-only labels, pixel values), or counted skips.
+
+A sample is exactly what the packer and the collator consume::
+
+    {"input_ids": LongTensor (T,), "labels": LongTensor (T,),
+     "pixel_values": FloatTensor (n_tiles, 3, S, S) or None, "n_images": int}
+
+`labels` equal `input_ids` on every assistant reply and its `<|im_end|>` (the chat template's generation markers)
+and -100 elsewhere; they are unshifted (the model shifts them).
+
+Every bad input is a skip with a stable reason, never a crash: `SampleBuilder.build(row)` returns `(sample, None)`
+or `(None, reason)` and counts the reason in its `SkipCounter`. Reasons are the keys of `SKIP_REASONS`, plus
+`"error:<ExceptionType>"` for anything unexpected (logged once per type with its traceback and row index).
+Images are decoded here (not by `datasets`), so a corrupt image is a `bad_image` skip: the adapters read
+`datasets` rows with image decoding off. Unusual modes (P with transparency, LA, CMYK, I;16, 1, ...) are converted
+to RGB (transparency composited on white) and kept.
+
+Two adapters turn a row source into the packer's sample source (`nanovlm.data.packing.PackedDataset`):
+`SampleDataset` (map-style: `__len__`, `__getitem__` -> sample or None, optional per-epoch permutation) and
+`SampleStream` (a stream, e.g. a streaming `datasets.IterableDataset`: `iter_from(start, stride)`).
+
+Counters live in the process that builds: with DataLoader workers each worker counts its own rows (and logs its
+own summary every `log_every` rows); the main process's builder sees none of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from ..image_processing_nanovlm import ImageTooLargeError, load_image
+from ..processing_nanovlm import NanoVLMProcessor
+from .conversations import (
+    SKIP_REASONS as CONVERSATION_SKIP_REASONS,
+)
+from .conversations import (
+    RatingThresholds,
+    SkipSample,
+    as_image_list,
+    attach_images,
+    filter_turns,
+    turns_to_messages,
+)
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+
+SKIP_REASONS: dict[str, str] = {
+    **CONVERSATION_SKIP_REASONS,
+    "bad_image": "an image cannot be decoded (corrupt, truncated, empty, zero-size, missing file, unsupported type)",
+    "image_too_large": "an image has more source pixels than max_image_pixels (decompression-bomb guard)",
+    "too_many_images": "the row has more images than max_images_per_example",
+    "too_long": "the tokenized sample is longer than max_sample_length (samples are never truncated)",
+    "no_label_tokens": "no token is an assistant token",
+}
+
+
+class SkipCounter:
+    """Counts skipped rows per reason, built samples and turns dropped by the rating filter.
+
+    `as_dict()` gives {reason: count} for logging; `log_summary()` logs one line.
+    """
+
+    def __init__(self) -> None:
+        self.reasons: Counter[str] = Counter()
+        self.built = 0
+        self.turns_dropped = 0
+
+    def add(self, reason: str, count: int = 1) -> None:
+        """Count `count` skips for `reason`."""
+        self.reasons[reason] += count
+
+    @property
+    def skipped(self) -> int:
+        """Rows skipped, all reasons together."""
+        return sum(self.reasons.values())
+
+    @property
+    def seen(self) -> int:
+        """Rows seen: built + skipped."""
+        return self.built + self.skipped
+
+    def as_dict(self) -> dict[str, int]:
+        """{reason: count} of the skips, most frequent first."""
+        return dict(self.reasons.most_common())
+
+    def totals(self) -> dict[str, int]:
+        """{"seen", "built", "skipped", "turns_dropped"}."""
+        return {"seen": self.seen, "built": self.built, "skipped": self.skipped, "turns_dropped": self.turns_dropped}
+
+    def update(self, other: SkipCounter) -> None:
+        """Add another counter's counts (e.g. to combine workers' counters)."""
+        self.reasons.update(other.reasons)
+        self.built += other.built
+        self.turns_dropped += other.turns_dropped
+
+    def reset(self) -> None:
+        """Zero every count."""
+        self.reasons.clear()
+        self.built = self.turns_dropped = 0
+
+    def summary(self) -> str:
+        """One line: built, skipped per reason, turns dropped."""
+        reasons = ", ".join(f"{r} {c}" for r, c in self.reasons.most_common()) or "none"
+        return (
+            f"{self.seen} rows: {self.built} built, {self.skipped} skipped ({reasons}); "
+            f"{self.turns_dropped} turns dropped by the rating filter"
+        )
+
+    def log_summary(self, log: logging.Logger | None = None, level: int = logging.INFO, prefix: str = "") -> None:
+        """Log `summary()` on one line."""
+        (log or logger).log(level, "%s%s", prefix, self.summary())
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.summary()})"
+
+
+class SampleBuilder:
+    """Turns one FineVision row into a training sample, or a counted skip.
+
+    Args:
+        processor: the `NanoVLMProcessor` (tokenizer, chat template, image processor).
+        thresholds: per-turn rating minimums (default: keep every turn).
+        max_sample_length: longest sample in tokens (images included); longer ones are skipped, never truncated.
+            None for no limit. Set it <= the packer's sequence length.
+        max_images_per_example: most images per row; rows with more are skipped. None for no limit.
+        max_image_pixels: images with more source pixels are skipped before decoding (decompression bombs).
+
+    Picklable, so it can go into DataLoader workers (each worker then has its own counter).
+    """
+
+    def __init__(
+        self,
+        processor: NanoVLMProcessor,
+        thresholds: RatingThresholds | None = None,
+        max_sample_length: int | None = 4096,
+        max_images_per_example: int | None = 8,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
+        for name, value in (
+            ("max_sample_length", max_sample_length),
+            ("max_images_per_example", max_images_per_example),
+            ("max_image_pixels", max_image_pixels),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None (no limit), got {value!r}.")
+        if not hasattr(processor, "apply_chat_template") or not hasattr(processor, "image_token"):
+            raise TypeError(
+                f"processor must be a NanoVLMProcessor (see nanovlm.build_processor), got {type(processor).__name__}."
+            )
+        self.processor = processor
+        self.thresholds = thresholds if thresholds is not None else RatingThresholds()
+        if not isinstance(self.thresholds, RatingThresholds):
+            raise TypeError(f"thresholds must be a RatingThresholds, got {type(thresholds).__name__}.")
+        self.max_sample_length = max_sample_length
+        self.max_images_per_example = max_images_per_example
+        self.max_image_pixels = max_image_pixels
+        self.image_token = processor.image_token
+        self.reserved_tokens = _reserved_tokens(processor)
+        self.counter = SkipCounter()
+        self._logged: set[str] = set()
+
+    # -- public --------------------------------------------------------------------------------------------------
+
+    def build(self, row: Any, index: int | None = None) -> tuple[dict[str, Any] | None, str | None]:
+        """`(sample, None)`, or `(None, reason)` for a skipped row (counted). Never raises for a bad row.
+
+        `index` (the row's position in its source) only goes into log messages.
+        """
+        try:
+            sample = self._build(row)
+        except SkipSample as skip:
+            self._skip(skip.reason, skip.detail, index)
+            return None, skip.reason
+        except Exception as err:  # one bad row must never stop training: count it, log the first of each type
+            return None, self.record_error(err, index)
+        self.counter.built += 1
+        return sample, None
+
+    def record_error(self, err: BaseException, index: int | None = None) -> str:
+        """Count an unexpected error for one row as "error:<ExceptionType>" (logged with its traceback the first
+        time per type) and return that reason. For errors met outside `build`, e.g. while reading the row."""
+        reason = f"error:{type(err).__name__}"
+        self._skip(reason, f"{type(err).__name__}: {err}", index, exc_info=err)
+        return reason
+
+    __call__ = build
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(thresholds={self.thresholds}, max_sample_length={self.max_sample_length}, "
+            f"max_images_per_example={self.max_images_per_example}, max_image_pixels={self.max_image_pixels})"
+        )
+
+    # -- steps -----------------------------------------------------------------------------------------------------
+
+    def _build(self, row: Any) -> dict[str, Any]:
+        if not isinstance(row, Mapping):
+            raise SkipSample("bad_row", f"expected a dict, got {type(row).__name__}")
+        images = as_image_list(row.get("images"))
+        if self.max_images_per_example is not None and len(images) > self.max_images_per_example:
+            raise SkipSample(
+                "too_many_images", f"{len(images)} images > max_images_per_example={self.max_images_per_example}"
+            )
+        turns, dropped = filter_turns(row, self.thresholds)
+        self.counter.turns_dropped += dropped
+        messages = turns_to_messages(turns, len(images), self.image_token, self.reserved_tokens)
+        if images:
+            messages = attach_images(messages, [self._decode(image, k) for k, image in enumerate(images)])
+
+        out = self.processor.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+        )
+        input_ids = out["input_ids"][0].long()  # (T,)
+        if self.max_sample_length is not None and input_ids.numel() > self.max_sample_length:
+            raise SkipSample("too_long", f"{input_ids.numel()} tokens > max_sample_length={self.max_sample_length}")
+        mask = torch.as_tensor(out["assistant_masks"])[0].bool()  # (T,)
+        if not mask.any():
+            raise SkipSample("no_label_tokens", "the chat template marked no assistant token")
+        labels = input_ids.masked_fill(~mask, IGNORE_INDEX)  # (T,)
+        pixel_values = out.get("pixel_values") if images else None
+        if pixel_values is not None:
+            pixel_values = pixel_values.float().contiguous()  # (n_tiles, 3, S, S)
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "n_images": len(images)}
+
+    def _decode(self, image: Any, k: int):
+        """One image of the row -> RGB PIL image, or SkipSample("bad_image" / "image_too_large")."""
+        if image is None:
+            raise SkipSample("bad_image", f"image {k} is None")
+        try:
+            return load_image(image, self.max_image_pixels)
+        except ValueError as err:
+            # load_image's pixel-cap message; pinned by tests/test_data_samples.py.
+            reason = "image_too_large" if isinstance(err, ImageTooLargeError) else "bad_image"
+            raise SkipSample(reason, f"image {k}: {err}") from err
+        except Exception as err:  # PIL plugins raise more than OSError on hostile files
+            raise SkipSample("bad_image", f"image {k}: {type(err).__name__}: {err}") from err
+
+    def _skip(self, reason: str, detail: str, index: int | None, exc_info: BaseException | None = None) -> None:
+        self.counter.add(reason)
+        where = f"row {index}" if index is not None else "a row"
+        if reason not in self._logged:
+            self._logged.add(reason)
+            level = logging.WARNING if reason.startswith("error:") else logging.INFO
+            logger.log(
+                level,
+                "skipping %s (%s): %s [first '%s'; later ones are only counted]",
+                where,
+                reason,
+                detail,
+                reason,
+                exc_info=exc_info,
+            )
+        else:
+            logger.debug("skipping %s (%s): %s", where, reason, detail)
+
+
+def _reserved_tokens(processor: NanoVLMProcessor) -> tuple[str, ...]:
+    """Structural special tokens no text may hold: ChatML, the image/global-image/tile tokens, eos/pad/bos.
+    (Not every special token: pretrained tokenizers carry ones like `<filename>` that plain texts may hold.)"""
+    tokenizer = processor.tokenizer
+    tokens = {"<|im_start|>", "<|im_end|>", processor.image_token, processor.global_image_token}
+    tokens.update(str(t) for t in (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token) if t)
+    tokens.update(t for t in tokenizer.get_added_vocab() if t.startswith("<row_") and t.endswith(">"))
+    return tuple(sorted(t for t in tokens if t))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adapters for the packer
+
+
+def _undecoded_map_source(rows: Any) -> Any:
+    """Rows of a `datasets.Dataset` read as Arrow (images stay {"bytes", "path"} dicts); other sources as given."""
+    if isinstance(rows, datasets.Dataset):
+        return rows.with_format("arrow")
+    return rows
+
+
+class SampleDataset:
+    """Map-style source of samples: `dataset[i]` is row i built into a sample, or None when skipped.
+
+    Args:
+        rows: a `datasets.Dataset` or any sequence of FineVision rows. A `datasets.Dataset` is read with image
+            decoding off, so the builder decodes (and counts) bad images itself.
+        builder: the `SampleBuilder`.
+        seed: if set, `set_epoch(e)` reorders the rows with a permutation seeded by (seed, e), the same in every
+            worker and rank; None keeps the row order.
+        log_every: log the builder's counter summary every this many rows read in this process (None: never).
+    """
+
+    def __init__(
+        self, rows: Sequence[Any], builder: SampleBuilder, seed: int | None = None, log_every: int | None = None
+    ) -> None:
+        if not (hasattr(rows, "__len__") and hasattr(rows, "__getitem__")):
+            raise TypeError(
+                f"rows must be map-style (a datasets.Dataset or a sequence), got {type(rows).__name__}; "
+                "use SampleStream for streams."
+            )
+        self.rows = rows
+        self._source = _undecoded_map_source(rows)
+        self._arrow = self._source is not rows
+        self.builder = builder
+        self.seed = seed
+        self.log_every = log_every
+        self.epoch = 0
+        self._order: np.ndarray | None = None
+        self._order_epoch: int | None = None
+        self._reads = 0
+        if seed is not None:
+            self.set_epoch(0)
+
+    @property
+    def counter(self) -> SkipCounter:
+        """The builder's counter (this process's rows only)."""
+        return self.builder.counter
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the row order of `epoch` (a no-op without `seed`; the permutation is cached per epoch)."""
+        self.epoch = epoch
+        if self.seed is not None and self._order_epoch != epoch:
+            n = len(self.rows)
+            dtype = np.int32 if n < 2**31 else np.int64
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(n).astype(dtype)
+            self._order_epoch = epoch
+
+    def row_index(self, i: int) -> int:
+        """The row behind position `i` in the current epoch's order."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} is out of range for {n} rows.")
+        i %= n
+        return int(self._order[i]) if self._order is not None else i
+
+    def read_row(self, j: int) -> Any:
+        """Row `j` of `rows` as a plain dict (images undecoded for a `datasets.Dataset`)."""
+        row = self._source[j]
+        return row.to_pylist()[0] if self._arrow else row
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        j = self.row_index(i)
+        self._reads += 1
+        if self.log_every and self._reads % self.log_every == 0:
+            self.counter.log_summary(prefix="data: ")
+        try:
+            row = self.read_row(j)
+        except Exception as err:  # e.g. an unreadable shard: count it like any other bad row
+            self.builder.record_error(err, index=j)
+            return None
+        return self.builder.build(row, index=j)[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(rows={len(self)}, seed={self.seed}, epoch={self.epoch}, builder={self.builder!r})"
+        )
+
+
+class SampleStream:
+    """Stream source of samples for the packer: `iter_from(start, stride)` yields the built samples (None for
+    skipped rows) of the rows at positions start, start + stride, ...; rows in between are not built.
+
+    Args:
+        rows: any iterable of FineVision rows, typically a streaming `datasets.IterableDataset` (read with image
+            decoding off; `set_epoch` is passed on to it, which reseeds its shuffle buffer).
+        builder: the `SampleBuilder`.
+        log_every: log the builder's counter summary every this many rows built in this process (None: never).
+
+    In a DataLoader worker a `datasets.IterableDataset` only yields that worker's shards (datasets does this
+    itself), so there `iter_from(worker + k * num_workers, num_workers)` reads the worker's own shards from their
+    k-th row: still nothing read twice or lost, and resumable with the same `num_workers`. Give the stream at least
+    as many shards as workers (`to_iterable_dataset(num_shards=...)`), or some workers get no rows.
+    """
+
+    def __init__(self, rows: Iterable[Any], builder: SampleBuilder, log_every: int | None = None) -> None:
+        if not hasattr(rows, "__iter__"):
+            raise TypeError(f"rows must be iterable, got {type(rows).__name__}.")
+        if isinstance(rows, datasets.IterableDataset):
+            rows = rows.decode(False)  # images stay {"bytes", "path"}: the builder counts bad ones
+        self.rows = rows
+        self.builder = builder
+        self.log_every = log_every
+        self.epoch = 0
+        self._built = 0
+
+    @property
+    def counter(self) -> SkipCounter:
+        """The builder's counter (this process's rows only)."""
+        return self.builder.counter
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch on to the rows (a `datasets.IterableDataset` reseeds its shuffle buffer with it)."""
+        self.epoch = epoch
+        if hasattr(self.rows, "set_epoch"):
+            self.rows.set_epoch(epoch)
+
+    def _positions(self, start: int, stride: int) -> Iterator[tuple[int, Any]]:
+        if not (isinstance(start, int) and isinstance(stride, int) and start >= 0 and stride >= 1):
+            raise ValueError(f"need start >= 0 and stride >= 1, got start={start!r}, stride={stride!r}.")
+        info = torch.utils.data.get_worker_info()
+        if info is not None and isinstance(self.rows, datasets.IterableDataset):
+            # datasets already hands this worker only its shards: read them from the worker's local position.
+            if stride == info.num_workers and start % stride == info.id:
+                local = start // stride
+            elif stride == 1:
+                local = start
+            else:
+                raise ValueError(
+                    f"in DataLoader worker {info.id} of {info.num_workers} a datasets stream yields only this "
+                    f"worker's shards: read it with stride={info.num_workers} from a start = {info.id} (mod "
+                    f"{info.num_workers}), or with stride=1; got start={start}, stride={stride}."
+                )
+            return enumerate(itertools.islice(iter(self.rows), local, None), start=local)
+        return zip(itertools.count(start, stride), itertools.islice(iter(self.rows), start, None, stride))
+
+    def iter_from(self, start: int, stride: int = 1) -> Iterator[dict[str, Any] | None]:
+        """Samples (None for skipped rows) of the rows at positions start, start + stride, ..."""
+        for position, row in self._positions(start, stride):
+            yield self.builder.build(row, index=position)[0]
+            self._built += 1
+            if self.log_every and self._built % self.log_every == 0:
+                self.counter.log_summary(prefix="data: ")
+
+    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+        return self.iter_from(0, 1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(epoch={self.epoch}, builder={self.builder!r})"
+
+
+__all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "IGNORE_INDEX",
+    "SKIP_REASONS",
+    "SampleBuilder",
+    "SampleDataset",
+    "SampleStream",
+    "SkipCounter",
+]

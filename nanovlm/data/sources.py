@@ -1,0 +1,309 @@
+"""Where FineVision-schema rows come from: hub datasets, `save_to_disk` folders, parquet/json files, streams.
+
+`load_finevision` loads one, several or all configs of a dataset (a hub id such as `HuggingFaceM4/FineVision`,
+or a local folder with one sub-folder per config) or local data files, keeps the columns the pipeline reads, and
+concatenates the configs (map-style) or interleaves them, each row once (streaming). A config that fails to load
+is logged with its error and skipped; if none loads, a ValueError lists what was tried.
+
+The order that keeps every rank and epoch consistent::
+
+    ds = load_finevision(...)                          # same rows, same order on every rank
+    train, val = split_train_val(ds, val_size, seed)  # the same hold-out on every rank
+    train = shard_for_rank(train, rank, world_size)    # disjoint, complete shards
+    train = shuffle_dataset(train, seed)               # streaming: a seeded buffer, reseeded by set_epoch
+
+Map-style datasets are better reshuffled per epoch by `nanovlm.data.samples.SampleDataset(seed=...)`, which also
+reads images undecoded so a corrupt image is a counted skip.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import numpy as np
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from datasets.distributed import split_dataset_by_node
+
+from .conversations import RATING_COLUMNS
+
+logger = logging.getLogger(__name__)
+
+AnyDataset = Dataset | IterableDataset
+
+FINEVISION_COLUMNS: tuple[str, ...] = ("images", "texts", *RATING_COLUMNS.values())
+REQUIRED_COLUMNS: tuple[str, ...] = ("texts",)
+DATA_FILE_BUILDERS: dict[str, str] = {
+    ".parquet": "parquet",
+    ".json": "json",
+    ".jsonl": "json",
+    ".arrow": "arrow",
+}
+_MAX_ERROR_CHARS = 300
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _looks_local(source: str) -> bool:
+    """A path, a glob or a data file rather than a hub id ("owner/name")."""
+    return (
+        os.path.exists(source)
+        or os.path.isabs(source)
+        or source.startswith((".", "~"))
+        or any(c in source for c in "*?[")
+        or source.endswith(tuple(DATA_FILE_BUILDERS))
+        or source.count("/") > 1
+    )
+
+
+def _data_files(patterns: Sequence[str]) -> tuple[str, list[str]]:
+    """(datasets builder name, files) for local file paths / glob patterns of one format."""
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matches:
+            raise FileNotFoundError(f"no file matches {pattern!r}")
+        files.extend(m for m in matches if os.path.isfile(m))
+    suffixes = {Path(f).suffix.lower() for f in files}
+    builders = {DATA_FILE_BUILDERS.get(s) for s in suffixes}
+    if len(builders) != 1 or None in builders:
+        raise ValueError(
+            f"data files must all be one of the formats {sorted(DATA_FILE_BUILDERS)}; got suffixes {sorted(suffixes)} "
+            f"for {patterns}."
+        )
+    return builders.pop(), files
+
+
+def _pick_split(ds: Any, split: str, where: str) -> Any:
+    if isinstance(ds, (DatasetDict, IterableDatasetDict)):
+        if split not in ds:
+            raise ValueError(f"{where} has no split {split!r}; its splits are {sorted(ds)}.")
+        return ds[split]
+    return ds
+
+
+def _load_local_folder(path: Path, split: str, streaming: bool, num_shards: int, **kwargs: Any) -> AnyDataset:
+    if _is_saved_dataset(path):
+        ds = _pick_split(datasets.load_from_disk(str(path)), split, str(path))
+        if streaming:
+            ds = ds.to_iterable_dataset(num_shards=max(1, min(num_shards, len(ds))))
+        return ds
+    return datasets.load_dataset(str(path), split=split, streaming=streaming, **kwargs)
+
+
+def _load_one(
+    source: str | list[str], config: str | None, split: str, streaming: bool, num_shards: int, **kwargs: Any
+) -> AnyDataset:
+    """Load one config (or the files/folder itself when `config` is None) as a Dataset or IterableDataset."""
+    if isinstance(source, list):
+        builder, files = _data_files(source)
+        return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming, **kwargs)
+    if _looks_local(source):
+        path = Path(os.path.expanduser(source))
+        if config is not None:
+            path = path / config
+        if path.is_dir():
+            return _load_local_folder(path, split, streaming, num_shards, **kwargs)
+        if path.is_file() or any(c in str(path) for c in "*?["):
+            return _load_one([str(path)], None, split, streaming, num_shards, **kwargs)
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    return datasets.load_dataset(source, config, split=split, streaming=streaming, **kwargs)
+
+
+def _config_names(source: str, revision: str | None) -> list[str]:
+    """Every config of a hub dataset, or every dataset sub-folder of a local folder."""
+    if _looks_local(source):
+        path = Path(os.path.expanduser(source))
+        if not path.is_dir():
+            raise ValueError(f"configs='all' needs a folder with one sub-folder per config; {path} is not a folder.")
+        names = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+        if not names:
+            raise ValueError(f"configs='all': {path} has no sub-folders (one per config).")
+        return names
+    try:
+        return datasets.get_dataset_config_names(source, revision=revision)
+    except Exception as err:
+        raise ValueError(
+            f"Could not list the configs of {source!r} ({type(err).__name__}: {_short(err)}). Check the dataset id "
+            "and the network (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE must be unset to download), or pass the config "
+            "names explicitly."
+        ) from err
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
+
+
+def _keep_columns(ds: AnyDataset, columns: Sequence[str] | None, name: str) -> AnyDataset:
+    if ds.column_names is None:  # a stream whose columns are only known once read (e.g. streamed json)
+        return ds
+    present = list(ds.column_names)
+    missing = [c for c in REQUIRED_COLUMNS if c not in present]
+    if missing:
+        raise ValueError(f"{name} lacks the column(s) {missing}; its columns are {present}.")
+    if columns is None:
+        return ds
+    return ds.select_columns([c for c in columns if c in present])
+
+
+def load_finevision(
+    path_or_id: str | os.PathLike | Sequence[str | os.PathLike],
+    configs: Sequence[str] | Literal["all"] | str | None = None,
+    split: str = "train",
+    streaming: bool = False,
+    *,
+    columns: Sequence[str] | None = FINEVISION_COLUMNS,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    num_proc: int | None = None,
+    stream_num_shards: int = 64,
+    **load_kwargs: Any,
+) -> AnyDataset:
+    """Load FineVision-schema rows from a hub id, a `save_to_disk` folder or local parquet/json files.
+
+    Args:
+        path_or_id: a hub dataset id; a folder (written by `save_to_disk`, a Dataset or a DatasetDict, or a folder
+            of data files; with `configs`, one sub-folder per config); or data files: a path, a glob pattern or a
+            list of them (`.parquet`, `.json`, `.jsonl`, `.arrow`).
+        configs: None (the default config / the folder itself), one name, a list of names, or "all" (every config
+            of the hub dataset, or every sub-folder of the folder).
+        split: the split to load ("train").
+        streaming: return an `IterableDataset` (configs interleaved, each row read once) instead of a `Dataset`
+            (configs concatenated).
+        columns: the columns to keep (those present); None keeps all. Rows without a `texts` column are an error.
+        revision, cache_dir, num_proc: passed to `datasets.load_dataset` (num_proc only when not streaming).
+        stream_num_shards: shards of the stream made from a `save_to_disk` folder when streaming (lets DataLoader
+            workers and ranks split it by shard).
+        load_kwargs: passed to `datasets.load_dataset`.
+
+    A config that fails to load is logged with its error and skipped. Raises ValueError listing every attempt and
+    its error if none loads.
+    """
+    if isinstance(path_or_id, (list, tuple)):
+        source: str | list[str] = [os.fspath(p) for p in path_or_id]
+        if not source:
+            raise ValueError("path_or_id is an empty list; give a hub id, a folder or data files.")
+    else:
+        source = os.fspath(path_or_id)
+    if isinstance(source, list) and configs is not None:
+        raise ValueError(f"configs={configs!r} needs a hub id or a folder; data files have no configs.")
+
+    if configs == "all":
+        names: list[str | None] = list(_config_names(source, revision))
+    elif configs is None:
+        names = [None]
+    elif isinstance(configs, str):
+        names = [configs]
+    else:
+        names = list(configs)
+        if not names:
+            raise ValueError('configs is an empty list; pass None (default config), names, or "all".')
+
+    kwargs = dict(load_kwargs)
+    if revision is not None:
+        kwargs["revision"] = revision
+    if cache_dir is not None:
+        kwargs["cache_dir"] = cache_dir
+    if num_proc is not None and not streaming:
+        kwargs["num_proc"] = num_proc
+
+    loaded: list[tuple[str | None, AnyDataset]] = []
+    failures: list[str] = []
+    for name in names:
+        label = f"{source}" + (f" (config {name!r})" if name is not None else "")
+        try:
+            ds = _load_one(source, name, split, streaming, stream_num_shards, **kwargs)
+            ds = _keep_columns(ds, columns, label)
+        except Exception as err:
+            logger.warning("Skipping %s: %s: %s", label, type(err).__name__, _short(err))
+            failures.append(f"{name if name is not None else source}: {type(err).__name__}: {_short(err)}")
+            continue
+        logger.info("Loaded %s%s.", label, f": {len(ds)} rows" if isinstance(ds, Dataset) else " (streaming)")
+        loaded.append((name, ds))
+    if not loaded:
+        raise ValueError(
+            f"Could not load any of {len(names)} config(s) of {source!r} (split {split!r}); tried:\n  - "
+            + "\n  - ".join(failures)
+            + "\nCheck the path or hub id, the config names and the split; hub downloads need network access "
+            "(unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."
+        )
+    if len(loaded) == 1:
+        return loaded[0][1]
+    parts = [ds for _, ds in loaded]
+    try:
+        if streaming:
+            return datasets.interleave_datasets(parts, stopping_strategy="all_exhausted_without_replacement")
+        return datasets.concatenate_datasets(parts)
+    except Exception as err:
+        features = "; ".join(f"{name}: {ds.features}" for name, ds in loaded)
+        raise ValueError(
+            f"The configs of {source!r} cannot be combined ({type(err).__name__}: {_short(err)}). Their features: "
+            f"{features}. Load them separately or pass columns=... to keep only compatible columns."
+        ) from err
+
+
+def split_train_val(ds: AnyDataset, val_size: int, seed: int = 0) -> tuple[AnyDataset, AnyDataset | None]:
+    """Hold out `val_size` rows, deterministically for a given `seed` and row order. Returns (train, val).
+
+    Map-style: `val_size` rows drawn by a seeded permutation; both parts keep the original row order (contiguous
+    reads), disjoint and together complete. Streaming: the first `val_size` rows (`take`/`skip`), so split before
+    shuffling the stream. `val_size=0` returns (ds, None).
+    """
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
+        raise ValueError(f"val_size must be an int >= 0, got {val_size!r}.")
+    if val_size == 0:
+        return ds, None
+    if isinstance(ds, IterableDataset):
+        return ds.skip(val_size), ds.take(val_size)
+    n = len(ds)
+    if val_size >= n:
+        raise ValueError(f"val_size={val_size} must be smaller than the dataset's {n} rows.")
+    order = np.random.default_rng(seed).permutation(n)
+    val_idx, train_idx = np.sort(order[:val_size]), np.sort(order[val_size:])
+    return ds.select(train_idx), ds.select(val_idx)
+
+
+def shard_for_rank(ds: AnyDataset, rank: int, world_size: int) -> AnyDataset:
+    """This rank's part of `ds` (`datasets.distributed.split_dataset_by_node`): disjoint across ranks, complete.
+
+    Map-style: contiguous shards whose sizes differ by at most one. Streaming: whole shards per rank when the shard
+    count divides by `world_size`, else every rank reads the stream and keeps one row in `world_size`. Ranks can
+    end up with different numbers of samples (and packs): train by steps, or loop the data.
+    """
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an int, got {value!r}.")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
+    if world_size == 1:
+        return ds
+    return split_dataset_by_node(ds, rank=rank, world_size=world_size)
+
+
+def shuffle_dataset(ds: AnyDataset, seed: int, buffer_size: int = 10_000) -> AnyDataset:
+    """Shuffle rows: streaming through a seeded buffer of `buffer_size` rows (`set_epoch(e)` reseeds it with
+    seed + e; `SampleStream.set_epoch` passes the epoch on), map-style by a seeded permutation (fixed; for a new
+    order every epoch use `SampleDataset(seed=...)` instead)."""
+    if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
+        raise ValueError(f"buffer_size must be a positive int, got {buffer_size!r}.")
+    if isinstance(ds, IterableDataset):
+        return ds.shuffle(seed=seed, buffer_size=buffer_size)
+    return ds.shuffle(seed=seed)
+
+
+__all__ = [
+    "FINEVISION_COLUMNS",
+    "load_finevision",
+    "shard_for_rank",
+    "shuffle_dataset",
+    "split_train_val",
+]
