@@ -40,7 +40,8 @@ def build_processor(tokenizer, config: NanoVLMConfig, **image_processor_kwargs) 
     """A processor whose tile size and image-token count match `config`; kwargs go to NanoVLMImageProcessor
     (`max_image_size`, `max_grid`, `upscale`, `do_normalize`, `global_image_position`, ...)."""
     image_processor_kwargs.setdefault("tile_size", config.tile_size)
-    image_processor_kwargs.setdefault("max_image_size", min(2048, 4 * config.tile_size))
+    max_grid = image_processor_kwargs.setdefault("max_grid", 8)
+    image_processor_kwargs.setdefault("max_image_size", config.tile_size * min(max_grid, max(1, 2048 // config.tile_size)))
     image_processor = NanoVLMImageProcessor(**image_processor_kwargs)
     return NanoVLMProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=config.image_seq_len)
 

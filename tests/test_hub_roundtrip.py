@@ -9,12 +9,11 @@ import sys
 import textwrap
 
 import torch
+from conftest import TOKENIZER_CORPUS
 from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipConfig, SiglipModel
 
 from nanovlm import NanoVLMForConditionalGeneration, build_processor, extend_tokenizer
-
-from conftest import TOKENIZER_CORPUS
 
 REMOTE_SCRIPT = textwrap.dedent(
     """

@@ -1,0 +1,164 @@
+"""Build what a training run needs from its arguments: tokenizer, processor, model, packed datasets, collator.
+
+Kept out of `train_accelerate.py` so each piece is importable and tested on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from transformers import AutoProcessor
+
+from ..configuration_nanovlm import NanoVLMConfig
+from ..data.collator import PackedCollator
+from ..data.conversations import RatingThresholds
+from ..data.packing import PackedDataset
+from ..data.samples import SampleBuilder, SampleDataset, SampleStream
+from ..data.sources import load_finevision, shard_for_rank, shuffle_dataset, split_train_val
+from ..modeling_nanovlm import NanoVLMForConditionalGeneration
+from ..processing_nanovlm import NanoVLMProcessor
+from ..tokenizer import extend_tokenizer, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_synthetic_dataset(data_args, training_args) -> None:
+    """Build the synthetic dataset at `dataset_name_or_path` if asked and not there yet (main process first)."""
+    path = Path(data_args.dataset_name_or_path)
+    if not data_args.synthetic_dataset or path.exists():
+        return
+    from ..data.synthetic import build_synthetic_dataset
+
+    with training_args.main_process_first(desc="building the synthetic dataset"):
+        if not path.exists():
+            logger.info("Building the synthetic dataset in %s", path)
+            build_synthetic_dataset(
+                path,
+                num_train=data_args.synthetic_num_train,
+                num_validation=data_args.synthetic_num_validation,
+                num_test=data_args.synthetic_num_test,
+                seed=training_args.seed,
+                image_size=data_args.synthetic_image_size,
+            )
+
+
+def load_rows(data_args, training_args):
+    """(train rows, eval rows or None) for this process: loaded, held out, shuffled (streaming) and sharded."""
+    rows = load_finevision(
+        data_args.dataset_name_or_path, data_args.dataset_configs, split=data_args.train_split,
+        streaming=data_args.streaming,
+    )
+    if data_args.eval_split:
+        eval_rows = load_finevision(
+            data_args.dataset_name_or_path, data_args.dataset_configs, split=data_args.eval_split,
+            streaming=data_args.streaming,
+        )
+        if data_args.val_size and not data_args.streaming and data_args.val_size < len(eval_rows):
+            eval_rows = eval_rows.select(range(data_args.val_size))
+    else:
+        rows, eval_rows = split_train_val(rows, data_args.val_size, seed=training_args.seed)
+    if data_args.streaming:
+        rows = shuffle_dataset(rows, seed=training_args.seed)
+    rank, world = training_args.process_index, training_args.world_size
+    rows = shard_for_rank(rows, rank, world)
+    if eval_rows is not None:
+        eval_rows = shard_for_rank(eval_rows, rank, world)
+    return rows, eval_rows
+
+
+def iter_texts(rows, limit: int = 20000) -> Iterator[str]:
+    """User and assistant texts of the first `limit` rows (to train a tokenizer), images never decoded."""
+    source = rows.select_columns(["texts"]) if hasattr(rows, "select_columns") else rows
+    for i, row in enumerate(source):
+        if i >= limit:
+            return
+        for turn in row.get("texts") or []:
+            if isinstance(turn, dict):
+                yield from (t for t in (turn.get("user"), turn.get("assistant")) if isinstance(t, str))
+
+
+def build_processor_for(config: NanoVLMConfig, tokenizer, model_args) -> NanoVLMProcessor:
+    """A processor matching `config` with the image settings of `model_args`."""
+    from .. import build_processor
+
+    return build_processor(
+        tokenizer, config, max_image_size=model_args.max_image_size, max_grid=model_args.max_grid,
+        upscale=model_args.upscale_images, do_normalize=model_args.normalize_images,
+    )
+
+
+def build_model_and_processor(model_args, train_rows=None):
+    """(model, processor) from a nanovlm checkpoint, from pretrained backbones, or randomly initialised."""
+    kw = {"attn_implementation": model_args.attn_implementation}
+    if model_args.model_name_or_path:
+        model = NanoVLMForConditionalGeneration.from_pretrained(model_args.model_name_or_path, **kw)
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+        if not isinstance(processor, NanoVLMProcessor):
+            raise TypeError(f"{model_args.model_name_or_path} holds a {type(processor).__name__}, not a NanoVLMProcessor.")
+        return model, processor
+
+    if model_args.tokenizer_train_vocab_size:
+        if train_rows is None:
+            raise ValueError("--tokenizer_train_vocab_size needs the training data to train the tokenizer on.")
+        tokenizer = train_tokenizer(
+            iter_texts(train_rows), vocab_size=model_args.tokenizer_train_vocab_size, max_grid=model_args.max_grid
+        )
+    else:
+        tokenizer = extend_tokenizer(model_args.tokenizer_name_or_path or model_args.text_model, max_grid=model_args.max_grid)
+
+    if model_args.random_init:
+        cfg = dict(model_args.model_config or {})
+        text = dict(cfg.pop("text_config", {}) or {})
+        text.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        config = NanoVLMConfig(
+            text_config=text,
+            pixel_shuffle_factor=cfg.pop("pixel_shuffle_factor", model_args.pixel_shuffle_factor),
+            image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
+            **cfg,
+        )
+        model = NanoVLMForConditionalGeneration._from_config(config, **kw)
+        model.resize_for_tokenizer(tokenizer)
+    else:
+        model = NanoVLMForConditionalGeneration.from_backbones(
+            model_args.vision_model, model_args.text_model, tokenizer=tokenizer,
+            pixel_shuffle_factor=model_args.pixel_shuffle_factor, **kw,
+        )
+    return model, build_processor_for(model.config, tokenizer, model_args)
+
+
+def build_datasets(data_args, training_args, processor, train_rows, eval_rows):
+    """(train PackedDataset, eval PackedDataset or None, collator)."""
+    builder = SampleBuilder(
+        processor,
+        thresholds=RatingThresholds(
+            relevance=data_args.min_relevance_rating,
+            image_correspondence=data_args.min_image_correspondence_rating,
+            visual_dependency=data_args.min_visual_dependency_rating,
+            formatting=data_args.min_formatting_rating,
+        ),
+        max_sample_length=data_args.max_sample_length,
+        max_images_per_example=data_args.max_images_per_example,
+        max_image_pixels=data_args.max_image_pixels,
+    )
+
+    def source(rows, seed):
+        if data_args.streaming:
+            return SampleStream(rows, builder)
+        return SampleDataset(rows, builder, seed=seed)
+
+    def packed(rows, infinite, seed):
+        return PackedDataset(
+            source(rows, seed), seq_length=data_args.seq_length,
+            max_images_per_pack=data_args.max_images_per_knapsack, buffer_size=data_args.pack_buffer_size,
+            seed=training_args.seed, infinite=infinite,
+        )
+
+    train = packed(train_rows, infinite=True, seed=training_args.seed)
+    evaluation = packed(eval_rows, infinite=False, seed=None) if eval_rows is not None else None
+    collator = PackedCollator(processor.tokenizer.pad_token_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
+    return train, evaluation, collator
+
+
+__all__ = ["prepare_synthetic_dataset", "load_rows", "build_model_and_processor", "build_datasets", "build_processor_for", "iter_texts"]

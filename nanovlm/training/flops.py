@@ -1,0 +1,72 @@
+"""Model-FLOPs estimate for the MFU figure (training: forward + backward = 3x forward).
+
+Per optimizer micro-step, with N_text / N_vision / N_proj the non-embedding parameter counts:
+    text      6 * N_text * tokens                 + 12 * L_text * d_text * sum(T_row^2) / 2   (causal attention)
+    vision    6 * N_vision * patches * tiles      + 12 * L_vis * d_vis * patches^2 * tiles
+    projector 6 * N_proj * image_tokens_per_tile * tiles
+The attention term uses the padded row length (an upper bound for packed rows, whose samples only attend within
+themselves). Embedding lookups are free; the LM head counts as a matmul (it is in N_text when untied, and added
+explicitly when tied).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Dense bf16 peak FLOP/s by device-name substring.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12, "4090": 165e12}
+
+
+def _non_embedding_params(cfg, kind: str) -> int:
+    if kind == "text":
+        d, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", heads) or heads
+        head_dim = getattr(cfg, "head_dim", None) or d // heads
+        attn = d * head_dim * (heads + 2 * kv) + heads * head_dim * d
+        return layers * (attn + 3 * d * inter) + d * cfg.vocab_size  # + LM head
+    d, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    return layers * (4 * d * d + 2 * d * inter)
+
+
+_SIZES: dict[int, tuple[int, int, int, int]] = {}
+
+
+def _sizes(config) -> tuple[int, int, int, int]:
+    if id(config) in _SIZES:
+        return _SIZES[id(config)]
+    text, vision = config.text_config, config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    proj = vision.hidden_size * config.pixel_shuffle_factor**2 * text.hidden_size
+    sizes = (_non_embedding_params(text, "text"), _non_embedding_params(vision, "vision"), proj, patches)
+    _SIZES[id(config)] = sizes
+    return sizes
+
+
+def estimate_flops(config, stats: dict) -> float:
+    """Training FLOPs of one micro-batch described by the collator's `stats`."""
+    if not stats:
+        return 0.0
+    n_text, n_vis, n_proj, patches = _sizes(config)
+    text, vision = config.text_config, config.vision_config
+    rows, row_len = stats.get("num_rows", 0), stats.get("row_length", 0)
+    tokens = stats.get("num_real_tokens", 0) + stats.get("num_pad_tokens", 0)
+    tiles = stats.get("num_tiles", 0)
+    flops = 6 * n_text * tokens + 6 * text.num_hidden_layers * text.hidden_size * rows * row_len**2
+    flops += 6 * n_vis * patches * tiles + 12 * vision.num_hidden_layers * vision.hidden_size * patches**2 * tiles
+    flops += 6 * n_proj * config.image_seq_len * tiles
+    return float(flops)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the current CUDA device, or None (CPU, unknown GPU): then no MFU is logged."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16.items():
+        if key in name:
+            return value
+    return None
+
+
+__all__ = ["estimate_flops", "peak_flops", "PEAK_BF16"]

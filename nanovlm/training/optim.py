@@ -1,0 +1,150 @@
+"""Per-module parameter groups, freezing, nanoVLM's LR schedule, and a non-finite-loss guard on the optimizer.
+
+Written here rather than taken from transformers because Trainer builds one LR for all parameters
+(`learning_rate`) and its schedulers decay to 0, while nanoVLM trains the projector, the vision tower and the
+language model at their own LRs, each warming up over 3% of the steps and decaying by cosine to 10% of its own peak.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Module-path markers of the three parts; a parameter matching none belongs to the language model (lm_head, ...).
+PART_MARKERS = {"projector": "multi_modal_projector", "vision": "vision_tower", "language": "language_model"}
+NO_DECAY_MARKERS = ("bias", "norm", "embed")  # biases, LayerNorm/RMSNorm, token/patch/position embeddings
+
+
+def part_of(name: str) -> str:
+    """Which part ('projector', 'vision' or 'language') a parameter name belongs to; works under PEFT prefixes."""
+    for part, marker in PART_MARKERS.items():
+        if f"{marker}." in name:
+            return part
+    return "language"
+
+
+def apply_freezing(model: nn.Module, lrs: dict[str, float]) -> dict[str, str]:
+    """Freeze every part whose LR is 0; returns {part: "frozen" | "trainable"} and logs it."""
+    status = {}
+    for part, lr in lrs.items():
+        status[part] = "frozen" if lr == 0 else "trainable"
+    for name, param in model.named_parameters():
+        if status[part_of(name)] == "frozen":
+            param.requires_grad_(False)
+    counts = {part: 0 for part in lrs}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            counts[part_of(name)] += param.numel()
+    for part in lrs:
+        logger.info("%-9s %-9s lr=%g trainable params=%d", part, status[part], lrs[part], counts[part])
+    return status
+
+
+def build_param_groups(
+    named_parameters: Iterable[tuple[str, nn.Parameter]], lrs: dict[str, float], weight_decay: float
+) -> list[dict]:
+    """AdamW groups per (part, decay/no-decay) with each part's LR; frozen params and empty groups are left out."""
+    groups: dict[tuple[str, bool], dict] = {}
+    seen: set[int] = set()
+    for name, param in named_parameters:
+        if not param.requires_grad or id(param) in seen:  # tied weights appear once
+            continue
+        seen.add(id(param))
+        part = part_of(name)
+        decay = not any(marker in name.lower() for marker in NO_DECAY_MARKERS)
+        group = groups.setdefault(
+            (part, decay),
+            {"params": [], "lr": lrs[part], "weight_decay": weight_decay if decay else 0.0,
+             "name": part if decay else f"{part}_no_decay"},
+        )
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def nanovlm_lr_factor(step: int, total_steps: int, warmup_fraction: float = 0.03, min_lr_ratio: float = 0.1) -> float:
+    """nanoVLM's `get_lr(it, max_lr, max_steps) / max_lr`: linear warmup over `warmup_fraction` of the steps
+    (reaching the peak at the end of warmup), then cosine from the peak to `min_lr_ratio` of it."""
+    warmup = total_steps * warmup_fraction
+    if step < warmup:
+        return (step + 1) / warmup
+    if step > total_steps:
+        return min_lr_ratio
+    decay_ratio = (step - warmup) / max(total_steps - warmup, 1e-12)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    return min_lr_ratio + coeff * (1.0 - min_lr_ratio)
+
+
+def nanovlm_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float, min_lr_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The same factor for every group, so each group follows the schedule relative to its own peak LR."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: nanovlm_lr_factor(step, total_steps, warmup_fraction, min_lr_ratio)
+    )
+
+
+class NonFiniteGuard:
+    """Skips optimizer steps whose accumulated loss was NaN/inf; stops after `max_consecutive` in a row.
+
+    `observe(loss)` records (on device, no host sync) whether a micro-batch loss was non-finite; the optimizer asks
+    `should_skip()` once per step, which syncs the flag across processes so every rank skips together.
+    """
+
+    def __init__(self, max_consecutive: int, step_fn: Callable[[], int], sync: Callable[[torch.Tensor], torch.Tensor]):
+        self.max_consecutive = max_consecutive
+        self.step_fn = step_fn
+        self.sync = sync
+        self.flag: torch.Tensor | None = None
+        self.consecutive = 0
+        self.total_skipped = 0
+
+    def observe(self, loss: torch.Tensor) -> None:
+        bad = (~torch.isfinite(loss.detach())).any().float()
+        self.flag = bad if self.flag is None else torch.maximum(self.flag, bad)
+
+    def should_skip(self) -> bool:
+        flag, self.flag = self.flag, None
+        skip = flag is not None and bool(self.sync(flag).max().item() > 0)
+        if not skip:
+            self.consecutive = 0
+            return False
+        self.consecutive += 1
+        self.total_skipped += 1
+        step = self.step_fn() + 1
+        logger.warning("Non-finite loss at step %d: optimizer step skipped (%d in a row).", step, self.consecutive)
+        if self.consecutive >= self.max_consecutive:
+            raise RuntimeError(
+                f"Training stopped at step {step}: the loss was NaN/inf for {self.consecutive} consecutive steps "
+                f"(--max_consecutive_nonfinite_losses {self.max_consecutive}). Lower the learning rates, check the "
+                "data of these steps, or use bf16 instead of fp16."
+            )
+        return True
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that consults a NonFiniteGuard before each step and drops the step's gradients when told to skip."""
+
+    guard: NonFiniteGuard | None = None
+
+    def step(self, closure=None):
+        if self.guard is not None and self.guard.should_skip():
+            self.zero_grad(set_to_none=True)
+            return None
+        return super().step(closure)
+
+
+__all__ = [
+    "apply_freezing",
+    "build_param_groups",
+    "nanovlm_lr_factor",
+    "nanovlm_scheduler",
+    "part_of",
+    "NonFiniteGuard",
+    "GuardedAdamW",
+]

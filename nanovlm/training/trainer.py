@@ -1,0 +1,284 @@
+"""NanoVLMTrainer: transformers.Trainer with nanoVLM's optimizer recipe, packed batches and exact resume.
+
+What it overrides, and why (everything else is Trainer's):
+- `create_optimizer` / `create_scheduler`: AdamW groups per part (projector, vision, language) at their own LRs,
+  no weight decay on biases/norms/embeddings, frozen parts (LR 0) left out; nanoVLM's warmup + cosine-to-10% per
+  group. Trainer has a single LR and schedules that decay to 0.
+- `training_step`: pops the collator's `stats` / `data_state` (not model inputs), times data wait and
+  forward+backward, feeds the non-finite-loss guard.
+- `log`: adds every group's LR and throughput statistics gathered across processes (mean/min/max).
+- `evaluate`: token-weighted validation loss over the whole held-out set (Trainer averages per batch).
+- `_save_checkpoint` / `train`: the packed dataset's position is saved with every checkpoint (before
+  trainer_state.json, which Trainer writes last: a checkpoint without a readable trainer_state.json is incomplete
+  and never resumed from), and restored on resume instead of replaying batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..data.packing import combine_pack_states
+from .flops import estimate_flops, peak_flops
+from .optim import GuardedAdamW, NonFiniteGuard, apply_freezing, build_param_groups, nanovlm_scheduler
+
+logger = logging.getLogger(__name__)
+
+DATA_STATE_NAME = "data_state.json"
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """A checkpoint is complete when its trainer_state.json (written last by Trainer) parses."""
+    try:
+        with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
+            json.load(f)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The highest-step complete `checkpoint-N` folder in `output_dir` (incomplete ones are skipped and logged)."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        prefix, _, step = name.partition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
+            steps.append(int(step))
+    for step in sorted(steps, reverse=True):
+        path = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        if is_complete_checkpoint(path):
+            return path
+        logger.warning("Skipping incomplete checkpoint %s (no readable %s).", path, TRAINER_STATE_NAME)
+    return None
+
+
+class NanoVLMTrainer(Trainer):
+    """Trainer for NanoVLM; `args` is a `NanoVLMTrainingArguments`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.part_lrs = {
+            "projector": self.args.lr_mp,
+            "vision": self.args.lr_vision_backbone,
+            "language": self.args.lr_language_backbone,
+        }
+        self.part_status = apply_freezing(self.model, self.part_lrs)
+        self.nonfinite_guard = NonFiniteGuard(
+            self.args.max_consecutive_nonfinite_losses,
+            step_fn=lambda: self.state.global_step,
+            sync=lambda t: self.accelerator.gather(t.reshape(1)),
+        )
+        self.data_state: dict | None = None
+        self.skip_counts: Counter = Counter()  # samples skipped by reason, summed over this process's workers
+        self._skip_by_worker: dict[int, dict] = {}
+        self._reset_window()
+        self._last_step_end: float | None = None
+
+    # ---- optimizer and schedule --------------------------------------------------------------------------------
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            groups = build_param_groups(opt_model.named_parameters(), self.part_lrs, self.args.weight_decay)
+            if not groups:
+                raise ValueError("Every part is frozen (all three learning rates are 0): nothing to train.")
+            self.optimizer = GuardedAdamW(
+                groups, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon
+            )
+            self.optimizer.guard = self.nonfinite_guard
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = nanovlm_scheduler(
+                optimizer or self.optimizer, num_training_steps, self.args.warmup_fraction, self.args.min_lr_ratio
+            )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # ---- one step ------------------------------------------------------------------------------------------------
+    def _pop_extras(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        stats = inputs.pop("stats", None) or {}
+        states = inputs.pop("data_state", None)
+        skipped = inputs.pop("skipped", None)
+        if states:
+            self.data_state = combine_pack_states(states, self.data_state)
+        for entry in skipped or ():
+            self._skip_by_worker[entry["worker"]] = entry["counts"]
+        if skipped:
+            self.skip_counts = sum((Counter(c) for c in self._skip_by_worker.values()), Counter())
+        return stats
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        start = time.perf_counter()
+        if self._last_step_end is not None:
+            self._window["data_wait"] += start - self._last_step_end
+        stats = self._pop_extras(inputs)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite_guard.observe(loss)
+        if self.args.device.type == "cuda":
+            torch.cuda.synchronize()
+        end = time.perf_counter()
+        self._window["fwd_bwd"] += end - start
+        for key in ("num_real_tokens", "num_pad_tokens", "num_samples", "num_images", "num_tiles"):
+            self._window[key] += stats.get(key, 0)
+        self._window["flops"] += estimate_flops(self.model.config, stats)
+        self._last_step_end = end
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._pop_extras(inputs)  # also reached from prediction_step
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    # ---- logging -------------------------------------------------------------------------------------------------
+    def _reset_window(self) -> None:
+        self._window = Counter()
+        self._window_start = time.perf_counter()
+
+    def _gathered(self, values: dict[str, float]) -> dict[str, float]:
+        """mean/min/max over processes of per-process values (one collective for all of them)."""
+        keys = sorted(values)
+        local = torch.tensor([float(values[k]) for k in keys], device=self.args.device, dtype=torch.float64)
+        every = self.accelerator.gather(local.unsqueeze(0)).reshape(-1, len(keys)).cpu()
+        out = {}
+        for i, key in enumerate(keys):
+            col = every[:, i]
+            out[f"{key}"] = col.mean().item()
+            if every.shape[0] > 1:
+                out[f"{key}_min"] = col.min().item()
+                out[f"{key}_max"] = col.max().item()
+        return out
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and not any(k.startswith("eval_") for k in logs):
+            for group in self.optimizer.param_groups:
+                logs[f"lr/{group['name']}"] = group["lr"]
+            logs.update(self._throughput_logs())
+        super().log(logs, start_time)
+
+    def _throughput_logs(self) -> dict[str, float]:
+        w = self._window
+        wall = max(time.perf_counter() - self._window_start, 1e-9)
+        tokens = w["num_real_tokens"] + w["num_pad_tokens"]
+        local = {
+            "tokens_per_s": tokens / wall,
+            "real_tokens_per_s": w["num_real_tokens"] / wall,
+            "real_token_fraction": w["num_real_tokens"] / tokens if tokens else 0.0,
+            "data_wait_s": w["data_wait"],
+            "fwd_bwd_s": w["fwd_bwd"],
+            "images_per_sample": w["num_images"] / w["num_samples"] if w["num_samples"] else 0.0,
+        }
+        peak = peak_flops(self.args.device)
+        if peak:
+            local["mfu"] = w["flops"] / wall / peak
+        logs = {f"perf/{k}": v for k, v in self._gathered(local).items()}
+        logs["data/skipped_total"] = float(sum(self.skip_counts.values()))
+        for reason, n in sorted(self.skip_counts.items()):
+            logs[f"data/skipped/{reason}"] = float(n)
+        logs["train/nonfinite_steps_skipped"] = float(self.nonfinite_guard.total_skipped)
+        self._reset_window()
+        return logs
+
+    # ---- evaluation ----------------------------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Token-weighted loss over the whole held-out set (or `eval_max_batches` batches per process)."""
+        dataloader: DataLoader = self.get_eval_dataloader(eval_dataset)
+        model = self._wrap_model(self.model, training=False, dataloader=dataloader)
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # (sum of token losses, tokens)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i, inputs in enumerate(dataloader):
+                if self.args.eval_max_batches is not None and i >= self.args.eval_max_batches:
+                    break
+                inputs.pop("stats", None), inputs.pop("data_state", None), inputs.pop("skipped", None)
+                inputs = self._prepare_inputs(inputs)
+                n_tokens = (inputs["labels"][..., 1:] != -100).sum()
+                with self.compute_loss_context_manager():
+                    loss = model(**inputs, num_items_in_batch=torch.ones((), device=self.args.device)).loss
+                totals += torch.stack([loss.double(), n_tokens.double()])
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        metrics = {
+            f"{metric_key_prefix}_loss": (totals[0] / totals[1]).item() if totals[1] > 0 else math.nan,
+            f"{metric_key_prefix}_tokens": totals[1].item(),
+            f"{metric_key_prefix}_runtime": time.perf_counter() - start,
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self.model.train()
+        self._last_step_end = None  # evaluation time is not data wait
+        return metrics
+
+    # ---- checkpoints and resume ------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        # Written first; trainer_state.json (written last by Trainer) marks the checkpoint complete.
+        states = self._gather_objects(self.data_state)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            if os.path.isdir(folder) and not is_complete_checkpoint(folder):
+                shutil.rmtree(folder)  # a leftover from a run killed while writing this step
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, DATA_STATE_NAME), "w") as f:
+                json.dump({"world_size": self.args.world_size, "ranks": states}, f)
+        super()._save_checkpoint(model, trial)
+
+    def _gather_objects(self, obj: Any) -> list:
+        if self.args.world_size == 1:
+            return [obj]
+        out = [None] * self.args.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, resuming from the last COMPLETE checkpoint when `resume_from_checkpoint` is True, and
+        restoring the packed dataset's position from it (so batches are not replayed)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                logger.warning("No complete checkpoint in %s: training from scratch.", self.args.output_dir)
+        if resume_from_checkpoint:
+            if not is_complete_checkpoint(resume_from_checkpoint):
+                raise ValueError(
+                    f"{resume_from_checkpoint} is not a complete checkpoint (no readable {TRAINER_STATE_NAME}); pass "
+                    "--resume_from_checkpoint true to pick the last complete one."
+                )
+            self._restore_data_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+
+    def _restore_data_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, DATA_STATE_NAME)
+        dataset = self.train_dataset
+        if not hasattr(dataset, "load_state_dict"):
+            return
+        if not os.path.isfile(path):
+            raise ValueError(f"{checkpoint} has no {DATA_STATE_NAME}: cannot restore the position in the data.")
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["world_size"] != self.args.world_size:
+            raise ValueError(
+                f"{checkpoint} was saved with {saved['world_size']} processes, this run has {self.args.world_size}: "
+                "the per-process data positions cannot be mapped; resume with the same number of processes."
+            )
+        state = saved["ranks"][self.args.process_index]
+        if state is not None:
+            dataset.load_state_dict(state)
+            self.data_state = state
+        # The dataset continues where it was: Trainer must not also skip the batches it already consumed.
+        self.args.ignore_data_skip = True
+        logger.info("Restored the data position from %s.", path)
+
+
+__all__ = ["NanoVLMTrainer", "last_complete_checkpoint", "is_complete_checkpoint"]

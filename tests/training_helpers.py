@@ -1,0 +1,79 @@
+"""Shared pieces of the training tests (also imported by the 2-process script, so no pytest fixtures here)."""
+
+from __future__ import annotations
+
+import torch
+
+from nanovlm import NanoVLMForConditionalGeneration, build_processor, train_tokenizer
+from nanovlm.data import PackedCollator, PackedDataset, SampleBuilder, SampleDataset, shard_for_rank
+from nanovlm.data.synthetic import SyntheticConfig, generate_split
+from nanovlm.training.arguments import NanoVLMTrainingArguments
+from nanovlm.training.trainer import NanoVLMTrainer
+
+TINY_CORPUS = ["What color is the circle? red blue green yellow How many shapes left right image word"] * 20
+
+
+def tiny_setup(seed: int = 0):
+    """(model, processor) with 32 px tiles, 4 image tokens per tile; identical for a given seed."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_tiny_config
+
+    tokenizer = train_tokenizer(TINY_CORPUS, vocab_size=300, max_grid=2)
+    config = make_tiny_config(tokenizer)
+    torch.manual_seed(seed)
+    model = NanoVLMForConditionalGeneration(config)
+    return model, build_processor(tokenizer, config, max_grid=2)
+
+
+def synthetic_rows(n: int, seed: int = 0):
+    return generate_split(n, "train", seed=seed, config=SyntheticConfig(image_size=32))
+
+
+def packed_dataset(rows, processor, *, seq_length: int = 160, infinite: bool = True, rank: int = 0, world: int = 1):
+    builder = SampleBuilder(processor, max_sample_length=seq_length, max_images_per_example=3)
+    source = SampleDataset(shard_for_rank(rows, rank, world), builder, seed=0)
+    return PackedDataset(source, seq_length=seq_length, max_images_per_pack=12, buffer_size=32, seed=0, infinite=infinite)
+
+
+def training_args(output_dir, **overrides) -> NanoVLMTrainingArguments:
+    kw = dict(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        lr_mp=1e-3,
+        lr_vision_backbone=5e-4,
+        lr_language_backbone=5e-4,
+        weight_decay=0.01,
+        logging_steps=1,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        report_to="none",
+        dataloader_num_workers=0,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+    )
+    kw.update(overrides)
+    return NanoVLMTrainingArguments(**kw)
+
+
+def make_trainer(model, processor, args, train_dataset, eval_dataset=None, callbacks=None) -> NanoVLMTrainer:
+    return NanoVLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=PackedCollator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+
+
+def train_losses(trainer) -> list[float]:
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]

@@ -1,0 +1,90 @@
+"""Train or finetune a NanoVLM. Wiring only: every step lives in the `nanovlm` package.
+
+Embedded demo (tiny random-init model, locally trained tokenizer, synthetic data; 2 CPU cores, a few minutes):
+    python train_accelerate.py --config configs/train/demo.yaml
+
+The original nanoVLM recipe (SigLIP2-B/16-512 + SmolLM2-360M-Instruct on FineVision) on 8 GPUs:
+    accelerate launch --config_file configs/accelerate/8gpu.yaml train_accelerate.py \
+        --config configs/train/nanovlm_460m.yaml
+
+Two CPU processes (gloo), e.g. to check distributed behaviour without a GPU:
+    torchrun --nproc_per_node 2 train_accelerate.py --config configs/train/demo.yaml --max_steps 20
+
+Any YAML key can be overridden on the command line (`--lr_mp 0.001`); `--resume_from_checkpoint true` resumes
+from the last complete checkpoint in `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from transformers import set_seed
+
+from nanovlm.training.build import build_datasets, build_model_and_processor, load_rows, prepare_synthetic_dataset
+from nanovlm.training.parser import parse_args
+from nanovlm.training.plots import plot_training_curves
+from nanovlm.training.trainer import NanoVLMTrainer
+
+logger = logging.getLogger("nanovlm")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(training_args.seed)
+
+    prepare_synthetic_dataset(data_args, training_args)
+    train_rows, eval_rows = load_rows(data_args, training_args)
+    model, processor = build_model_and_processor(model_args, train_rows)
+    if training_args.use_lora:
+        from nanovlm.training.lora import apply_lora
+
+        model = apply_lora(model, training_args)
+    train_dataset, eval_dataset, collator = build_datasets(data_args, training_args, processor, train_rows, eval_rows)
+
+    trainer = NanoVLMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=processor,
+    )
+    resume = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
+
+    final_dir = os.path.join(training_args.output_dir, "final")
+    trainer.save_model(final_dir)  # the best model when load_best_model_at_end, with the processor
+    results = {"final_model": final_dir}
+    if trainer.is_world_process_zero():
+        results["plots"] = plot_training_curves(trainer.state.log_history, training_args.output_dir)
+        if data_args.synthetic_dataset:
+            results.update(report_synthetic_accuracy(trainer.model, processor, data_args, training_args))
+        with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    return results
+
+
+def report_synthetic_accuracy(model, processor, data_args, training_args) -> dict:
+    """Held-out accuracy per question type beside the blind guess, printed and returned."""
+    import datasets
+
+    from nanovlm.data.synthetic import blind_guess_accuracy
+    from nanovlm.evaluation.synthetic_eval import evaluate_synthetic, format_accuracy_table
+
+    splits = datasets.load_from_disk(data_args.dataset_name_or_path)
+    test = splits["test"]
+    accuracy = evaluate_synthetic(model, processor, test, batch_size=training_args.per_device_eval_batch_size)
+    blind = blind_guess_accuracy(splits, split="test")
+    table = format_accuracy_table(accuracy, blind)
+    print(f"\nHeld-out accuracy on {len(test)} synthetic test samples:\n{table}\n", flush=True)
+    return {"test_accuracy": accuracy, "blind_guess_accuracy": blind}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
