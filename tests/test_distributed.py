@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from torch.utils.data import IterableDataset
 from training_helpers import make_trainer, packed_dataset, synthetic_rows, tiny_setup, training_args
 
@@ -18,7 +17,7 @@ SCRIPT = Path(__file__).parent / "dist_train_script.py"
 
 def torchrun(out: Path, *args: int, timeout: int = 240) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(SCRIPT), str(out), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -59,7 +58,6 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # the ranks really saw different data
     seen = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text())["seen"] for r in range(2)]
     assert seen[0] != seen[1]
-    assert torch.tensor(0).item() == 0
 
 
 def test_ranks_with_unequal_data_end_together(tmp_path):

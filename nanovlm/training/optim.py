@@ -72,7 +72,9 @@ def nanovlm_lr_factor(step: int, total_steps: int, warmup_fraction: float = 0.03
     (reaching the peak at the end of warmup), then cosine from the peak to `min_lr_ratio` of it."""
     warmup = total_steps * warmup_fraction
     if step < warmup:
-        return (step + 1) / warmup
+        # nanoVLM returns (step + 1) / warmup, which exceeds the peak when the warmup is shorter than one step
+        # (fewer than 34 steps at 3%): capped at the peak here.
+        return min(1.0, (step + 1) / warmup)
     if step > total_steps:
         return min_lr_ratio
     decay_ratio = (step - warmup) / max(total_steps - warmup, 1e-12)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..data.packing import combine_pack_states
+from ..data.packing import PackedDataset, combine_pack_states
 from .flops import estimate_flops, peak_flops
 from .optim import GuardedAdamW, NonFiniteGuard, apply_freezing, build_param_groups, nanovlm_scheduler
 
@@ -88,6 +88,27 @@ class NanoVLMTrainer(Trainer):
         self._reset_window()
         self._last_step_end: float | None = None
 
+    # ---- data loading --------------------------------------------------------------------------------------------
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):
+        """Packed datasets are already split per process (rows are sharded by rank before packing), so they bypass
+        `accelerator.prepare`: for an IterableDataset it would deal each process only every world_size-th batch of
+        ITS stream (dropping the rest) and pad a finite eval stream's last batch with repeated packs. Inputs are
+        moved to the device by `Trainer._prepare_inputs` as usual."""
+        if not isinstance(dataset, PackedDataset):
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        workers = self.args.dataloader_num_workers
+        params = {
+            "batch_size": batch_size,
+            "collate_fn": self.data_collator,
+            "num_workers": workers,
+            "pin_memory": self.args.dataloader_pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.args.dataloader_persistent_workers and workers > 0,
+        }
+        if workers > 0:
+            params["prefetch_factor"] = self.args.dataloader_prefetch_factor
+            params["multiprocessing_context"] = self.args.dataloader_multiprocessing_context
+        return DataLoader(dataset, **params)
+
     # ---- optimizer and schedule --------------------------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -127,6 +148,7 @@ class NanoVLMTrainer(Trainer):
         if self._last_step_end is not None:
             self._window["data_wait"] += start - self._last_step_end
         stats = self._pop_extras(inputs)
+        self._lrs_in_use = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.nonfinite_guard.observe(loss)
         if self.args.device.type == "cuda":
@@ -164,8 +186,9 @@ class NanoVLMTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and not any(k.startswith("eval_") for k in logs):
-            for group in self.optimizer.param_groups:
-                logs[f"lr/{group['name']}"] = group["lr"]
+            # the LRs the last optimizer step used (the scheduler has already moved on when Trainer logs)
+            for name, lr in getattr(self, "_lrs_in_use", {}).items():
+                logs[f"lr/{name}"] = lr
             logs.update(self._throughput_logs())
         super().log(logs, start_time)
 
