@@ -23,7 +23,13 @@ import sys
 
 from transformers import set_seed
 
-from nanovlm.training.build import build_datasets, build_model_and_processor, load_rows, prepare_synthetic_dataset
+from nanovlm.training.build import (
+    build_datasets,
+    build_model_and_processor,
+    configure_reporting,
+    load_rows,
+    prepare_synthetic_dataset,
+)
 from nanovlm.training.parser import parse_args
 from nanovlm.training.plots import plot_training_curves
 from nanovlm.training.trainer import NanoVLMTrainer
@@ -32,9 +38,13 @@ logger = logging.getLogger("nanovlm")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_args(argv)
+    try:
+        model_args, data_args, training_args = parse_args(argv)
+    except (ValueError, FileNotFoundError) as err:  # a bad command line: the message, not a traceback
+        raise SystemExit(f"train_accelerate.py: error: {err}") from None
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
+    configure_reporting(model_args, data_args, training_args)
 
     prepare_synthetic_dataset(data_args, training_args)
     train_rows, eval_rows = load_rows(data_args, training_args)
@@ -65,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
             results.update(report_synthetic_accuracy(trainer.model, processor, data_args, training_args))
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
+    if training_args.push_to_hub or training_args.hub_model_id:
+        trainer.push_to_hub()  # the final (best) model, its processor and code files
     return results
 
 

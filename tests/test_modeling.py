@@ -201,3 +201,14 @@ def test_config_defaults_mirror_nanovlm():
     assert config.vision_config.vision_use_head is False
     assert config.text_config.hidden_size == 960 and config.text_config.num_hidden_layers == 32
     assert config.tie_word_embeddings is True
+
+
+def test_bf16_forward_and_generate(tiny_model, tiny_processor):
+    batch = _inputs(tiny_processor, [Image.new("RGB", (64, 32), (50, 100, 150))], "What color?")
+    ref = tiny_model(**batch).logits
+    model = tiny_model.to(torch.bfloat16)
+    out = model(**batch).logits  # pixel_values are cast to the vision tower's dtype
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+    generated = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == batch["input_ids"].shape[1] + 3

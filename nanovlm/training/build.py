@@ -6,6 +6,7 @@ Kept out of `train_accelerate.py` so each piece is importable and tested on its 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,4 +162,21 @@ def build_datasets(data_args, training_args, processor, train_rows, eval_rows):
     return train, evaluation, collator
 
 
-__all__ = ["prepare_synthetic_dataset", "load_rows", "build_model_and_processor", "build_datasets", "build_processor_for", "iter_texts"]
+def configure_reporting(model_args, data_args, training_args) -> None:
+    """nanoVLM-style run name unless one is given; wandb in offline mode (files under the output dir) when no API
+    key is configured, so a run without network never blocks on a login prompt."""
+    from .arguments import run_name
+
+    if not training_args.run_name or training_args.run_name == training_args.output_dir:
+        training_args.run_name = run_name(model_args, data_args, training_args)
+    if "wandb" in (training_args.report_to or []):
+        os.environ.setdefault("WANDB_DIR", training_args.output_dir)
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        has_key = os.environ.get("WANDB_API_KEY") or os.path.isfile(os.path.expanduser("~/.netrc"))
+        if not has_key and "WANDB_MODE" not in os.environ:
+            os.environ["WANDB_MODE"] = "offline"
+            logger.info("No wandb API key: logging offline to %s/wandb (sync later with `wandb sync`).",
+                        training_args.output_dir)
+
+
+__all__ = ["configure_reporting", "prepare_synthetic_dataset", "load_rows", "build_model_and_processor", "build_datasets", "build_processor_for", "iter_texts"]

@@ -213,6 +213,8 @@ class NanoVLMArgumentParser(HfArgumentParser):
         "no" (Trainer refuses to evaluate without an eval dataset); an explicit one is an error naming the fix."""
         val_size, eval_split = values.get("val_size"), values.get("eval_split")
         if eval_split is not None or not isinstance(val_size, int) or val_size > 0:
+            if "load_best_model_at_end" not in explicit:
+                values["load_best_model_at_end"] = True  # track the best checkpoint by eval_loss, save it at the end
             return []
         errors = []
         strategy = getattr(values.get("eval_strategy"), "value", values.get("eval_strategy"))

@@ -1,0 +1,96 @@
+"""The real entry point: a shortened demo run, and a run killed with SIGKILL that resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = [
+    "--synthetic_num_train", "240", "--synthetic_num_validation", "16", "--synthetic_num_test", "24",
+    "--eval_interval", "3", "--logging_steps", "1", "--dataloader_num_workers", "0",
+    "--per_device_eval_batch_size", "8",
+]
+
+
+def run_entry(args: list[str], timeout: int = 300, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, str(ROOT / "train_accelerate.py"), "--config", str(ROOT / "configs/train/demo.yaml"), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)
+
+
+def test_shortened_demo_run(tmp_path):
+    out, data = tmp_path / "run", tmp_path / "data"
+    proc = run_entry(["--output_dir", str(out), "--dataset_name_or_path", str(data), "--max_steps", "6", *SHORT])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # the accuracy table is printed beside the blind guess
+    assert "Held-out accuracy on 24 synthetic test samples" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    accuracy, blind = results["test_accuracy"], results["blind_guess_accuracy"]
+    assert set(accuracy) == set(blind) and "overall" in accuracy
+    assert all(0.0 <= v <= 1.0 for v in accuracy.values())
+    # plots are real PNGs
+    for name in ("loss.png", "learning_rate.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the final model is the best checkpoint, saved with its code and processor
+    final = out / "final"
+    for name in ("model.safetensors", "modeling_nanovlm.py", "processor_config.json", "tokenizer.json"):
+        assert (final / name).is_file(), name
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] is not None and state["global_step"] == 6
+    evals = [e for e in state["log_history"] if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [3, 6]
+    # a fresh process without nanovlm loads it with trust_remote_code
+    check = (
+        "import sys; sys.modules['nanovlm'] = None\n"
+        "from transformers import AutoModel, AutoProcessor\n"
+        f"m = AutoModel.from_pretrained({str(final)!r}, trust_remote_code=True)\n"
+        f"p = AutoProcessor.from_pretrained({str(final)!r}, trust_remote_code=True)\n"
+        "print(type(m).__name__, type(p).__name__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path, env=env)
+    assert loaded.stdout.strip() == "NanoVLMForConditionalGeneration NanoVLMProcessor", loaded.stderr[-2000:]
+
+
+def test_sigkill_then_resume_from_last_complete_checkpoint(tmp_path):
+    out, data = tmp_path / "run", tmp_path / "data"
+    args = ["--output_dir", str(out), "--dataset_name_or_path", str(data), *SHORT,
+            "--eval_strategy", "no", "--load_best_model_at_end", "false", "--save_steps", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, str(ROOT / "train_accelerate.py"), "--config", str(ROOT / "configs/train/demo.yaml"),
+           *args, "--max_steps", "400"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while not (out / "checkpoint-4" / "trainer_state.json").is_file():
+            assert proc.poll() is None and time.time() < deadline, "training died or never wrote checkpoint-4"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    complete = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
+                      if (p / "trainer_state.json").is_file())
+    last = complete[-1]
+    assert last >= 4
+    resumed = run_entry(args + ["--max_steps", str(last + 2), "--resume_from_checkpoint", "true"])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"Restored the data position from {out / f'checkpoint-{last}'}" in resumed.stderr
+    state = json.loads((out / f"checkpoint-{last + 2}" / "trainer_state.json").read_text())
+    steps = [e["step"] for e in state["log_history"] if "loss" in e]
+    assert steps[-2:] == [last + 1, last + 2]
+
+
+@pytest.mark.parametrize("bad", [["--lr_mp", "-1"], ["--no_such_option", "1"]])
+def test_entry_point_rejects_bad_arguments_clearly(tmp_path, bad):
+    proc = run_entry(["--output_dir", str(tmp_path), *bad], timeout=120)
+    assert proc.returncode != 0
+    assert ("--lr_mp must be a finite number >= 0" in proc.stderr) or ("unknown option --no_such_option" in proc.stderr)
