@@ -94,3 +94,20 @@ def test_entry_point_rejects_bad_arguments_clearly(tmp_path, bad):
     proc = run_entry(["--output_dir", str(tmp_path), *bad], timeout=120)
     assert proc.returncode != 0
     assert ("--lr_mp must be a finite number >= 0" in proc.stderr) or ("unknown option --no_such_option" in proc.stderr)
+
+
+def test_two_process_demo_run_through_the_entry_point(tmp_path):
+    """torchrun, 2 gloo processes: every process must build the same tokenizer and model (DDP checks the shapes)."""
+    out, data = tmp_path / "run", tmp_path / "data"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train_accelerate.py"), "--config", str(ROOT / "configs/train/demo.yaml"),
+           "--output_dir", str(out), "--dataset_name_or_path", str(data), "--max_steps", "2", *SHORT,
+           "--eval_interval", "2", "--use_cpu", "true"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    logs = [e for e in state["log_history"] if "loss" in e]
+    assert "perf/tokens_per_s_min" in logs[-1] and "perf/tokens_per_s_max" in logs[-1]  # gathered over 2 ranks
+    data_state = json.loads((out / "checkpoint-2" / "data_state.json").read_text())
+    assert data_state["world_size"] == 2 and len(data_state["ranks"]) == 2

@@ -46,7 +46,8 @@ def prepare_synthetic_dataset(data_args, training_args) -> None:
 
 
 def load_rows(data_args, training_args):
-    """(train rows, eval rows or None) for this process: loaded, held out, shuffled (streaming) and sharded."""
+    """(train rows, eval rows or None): loaded, held out and (streaming) shuffled, NOT yet split by process: the
+    tokenizer is trained on the same rows in every process; `build_datasets` takes each process's share."""
     rows = load_finevision(
         data_args.dataset_name_or_path, data_args.dataset_configs, split=data_args.train_split,
         streaming=data_args.streaming,
@@ -62,10 +63,6 @@ def load_rows(data_args, training_args):
         rows, eval_rows = split_train_val(rows, data_args.val_size, seed=training_args.seed)
     if data_args.streaming:
         rows = shuffle_dataset(rows, seed=training_args.seed)
-    rank, world = training_args.process_index, training_args.world_size
-    rows = shard_for_rank(rows, rank, world)
-    if eval_rows is not None:
-        eval_rows = shard_for_rank(eval_rows, rank, world)
     return rows, eval_rows
 
 
@@ -130,7 +127,7 @@ def build_model_and_processor(model_args, train_rows=None):
 
 
 def build_datasets(data_args, training_args, processor, train_rows, eval_rows):
-    """(train PackedDataset, eval PackedDataset or None, collator)."""
+    """(train PackedDataset, eval PackedDataset or None, collator) over this process's share of the rows."""
     builder = SampleBuilder(
         processor,
         thresholds=RatingThresholds(
@@ -156,8 +153,11 @@ def build_datasets(data_args, training_args, processor, train_rows, eval_rows):
             seed=training_args.seed, infinite=infinite,
         )
 
-    train = packed(train_rows, infinite=True, seed=training_args.seed)
-    evaluation = packed(eval_rows, infinite=False, seed=None) if eval_rows is not None else None
+    rank, world = training_args.process_index, training_args.world_size
+    train = packed(shard_for_rank(train_rows, rank, world), infinite=True, seed=training_args.seed)
+    evaluation = None
+    if eval_rows is not None:
+        evaluation = packed(shard_for_rank(eval_rows, rank, world), infinite=False, seed=None)
     collator = PackedCollator(processor.tokenizer.pad_token_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
     return train, evaluation, collator
 
