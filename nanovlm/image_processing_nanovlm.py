@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
@@ -38,6 +39,7 @@ class NanoVLMImageProcessorKwargs(ImagesKwargs, total=False):
     max_grid: int
     upscale: bool
     global_image_position: str
+    global_view_from: str
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -118,6 +120,8 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         upscale (`bool`, defaults to False): resize the long side to `max_image_size` even for small images.
         do_normalize (`bool`, defaults to True): normalise with `image_mean`/`image_std` (SigLIP's 0.5/0.5).
         global_image_position (`str`, defaults to "first"): where the global view goes among an image's tiles.
+        global_view_from (`str`, defaults to "source"): build the global view from the source image ("source") or,
+            as nanoVLM does, by an antialiased bilinear downscale of the resized image ("resized").
         max_pixels (`int`, defaults to 178956970): images with more source pixels are refused (PIL's bomb limit).
 
     Returns a BatchFeature with `pixel_values` (total_tiles, 3, tile_size, tile_size), all images concatenated in
@@ -138,6 +142,7 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         image_std: Sequence[float] = SIGLIP_STD,
         resample: int = Image.Resampling.BICUBIC,
         global_image_position: str = "first",
+        global_view_from: str = "source",
         max_pixels: int = Image.MAX_IMAGE_PIXELS or 178956970,
         **kwargs,
     ):
@@ -162,7 +167,10 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.resample = int(resample)
+        if global_view_from not in ("source", "resized"):
+            raise ValueError(f"global_view_from must be 'source' or 'resized', got {global_view_from!r}.")
         self.global_image_position = global_image_position
+        self.global_view_from = global_view_from
         self.max_pixels = int(max_pixels)
 
     def split_image(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -178,7 +186,12 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         pixels = self._to_tensor(resized)  # (3, rows*S, cols*S)
         tiles = pixels.reshape(3, rows, s, cols, s).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, s, s)
         if rows * cols > 1:
-            global_view = self._to_tensor(image.resize((s, s), resample=self.resample)).unsqueeze(0)
+            if self.global_view_from == "resized":
+                # nanoVLM: the resized image downscaled bilinearly with antialiasing (torchvision's tensor resize)
+                global_view = F.interpolate(pixels.unsqueeze(0), size=(s, s), mode="bilinear", align_corners=False,
+                                            antialias=True)
+            else:
+                global_view = self._to_tensor(image.resize((s, s), resample=self.resample)).unsqueeze(0)
             parts = (global_view, tiles) if self.global_image_position == "first" else (tiles, global_view)
             tiles = torch.cat(parts, dim=0)
         return tiles, (rows, cols)

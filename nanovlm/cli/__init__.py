@@ -1,0 +1,2 @@
+"""Command-line tools: `nanovlm-generate` (answer a prompt about images) and `nanovlm-convert` (import an original
+nanoVLM checkpoint)."""

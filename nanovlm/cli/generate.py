@@ -1,0 +1,234 @@
+"""`nanovlm-generate`: answer a prompt about one or more images with a nanovlm checkpoint, streaming to stdout.
+
+    nanovlm-generate --model outputs/demo/final --image cat.png --prompt "What is in the image?"
+    nanovlm-generate --model you/nanovlm-460m --image a.png --image b.png --prompt "Compare them." \
+        --do_sample --temperature 0.7 --top_p 0.9 --seed 0 --device cuda --dtype bfloat16
+
+The checkpoint (a folder or a hub id) is loaded with AutoModel/AutoProcessor(trust_remote_code=True), so any nanovlm
+checkpoint works, converted nanoVLM ones included. The images go first in the user turn, then the prompt (nanoVLM's
+order); an optional `--system` turn comes before. The answer is streamed with transformers' `TextIteratorStreamer`
+while `generate` runs in a thread; stdout receives only the answer. Input problems (missing or unreadable image, no such
+model folder, unreachable hub id, a checkpoint that is not a nanovlm one) end with exit status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UsageError(Exception):
+    """A problem with the command's inputs, reported as one line with exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanovlm-generate",
+        description="Answer a prompt about images with a nanovlm checkpoint, streaming the answer to stdout.",
+    )
+    parser.add_argument("--model", required=True, help="nanovlm checkpoint: a local folder or a hub id")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="image file; repeat for several images (they go in this order, before the prompt)")
+    parser.add_argument("--prompt", required=True, help="the user's question or instruction")
+    parser.add_argument("--system", default=None, help="optional system message")
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (> 0; with --do_sample)")
+    parser.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (with --do_sample)")
+    parser.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass in (0, 1] (with --do_sample)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default: bfloat16 on a GPU that supports it, else float32")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Range checks argparse cannot express; exits through `parser.error` (status 2) naming the flag."""
+    if args.max_new_tokens < 1:
+        parser.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    sampling = {"--temperature": args.temperature, "--top_k": args.top_k, "--top_p": args.top_p}
+    given = [flag for flag, value in sampling.items() if value is not None]
+    if given and not args.do_sample:
+        parser.error(f"{', '.join(given)} only apply when sampling: add --do_sample")
+    if args.temperature is not None and args.temperature <= 0:
+        parser.error(f"--temperature must be > 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        parser.error(f"--top_k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
+
+
+def pick_device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """Resolve `--device`/`--dtype` defaults; a requested CUDA device must exist."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but no CUDA GPU is available; use --device cpu.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return torch.device(device), DTYPES[dtype]
+
+
+def load_images(paths: Sequence[str]) -> list[Image.Image]:
+    """Open every image (RGB), failing on the first missing or undecodable file with its path."""
+    from nanovlm.image_processing_nanovlm import load_image
+
+    images = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UsageError(f"image file not found: {path}")
+        try:
+            images.append(load_image(path))
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"cannot read image {path}: {err}") from err
+    return images
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def check_checkpoint(model: str) -> None:
+    """Fail early, with the fix, unless `model` names a loadable nanovlm checkpoint (folder or reachable hub id)."""
+    from transformers import AutoConfig
+
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
+    if looks_local and not path.is_dir():
+        raise UsageError(f"model folder not found: {model} (pass a nanovlm checkpoint folder or a hub id)")
+    raw_config = path / "config.json"
+    if path.is_dir() and raw_config.is_file():
+        try:
+            raw = json.loads(raw_config.read_text())
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{raw_config} is not valid JSON ({err})") from err
+        if isinstance(raw, dict) and "vit_hidden_dim" in raw and "model_type" not in raw:
+            raise UsageError(
+                f"{model} is an original nanoVLM checkpoint; convert it first: "
+                f"nanovlm-convert --input {model} --output {model.rstrip('/')}-nanovlm"
+            )
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=True)
+    except (OSError, ValueError) as err:
+        where = "the folder has no loadable config.json" if path.is_dir() else "no such local folder, and the hub has no such model or is unreachable"
+        raise UsageError(f"cannot load model {model}: {where} ({_first_line(err)})") from err
+    if config.model_type != "nanovlm":
+        raise UsageError(
+            f"{model} is a {config.model_type!r} checkpoint, not a nanovlm one; nanovlm-generate needs a NanoVLM "
+            "(convert original nanoVLM checkpoints with nanovlm-convert)."
+        )
+
+
+def build_messages(images: Sequence[Image.Image], prompt: str, system: str | None = None) -> list[dict]:
+    """Chat messages: optional system turn, then the user turn with the images first and the prompt after."""
+    messages = [{"role": "system", "content": system}] if system else []
+    content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": prompt}]
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def generation_kwargs(args: argparse.Namespace, model, tokenizer) -> dict:
+    """`generate` keyword arguments from the command line; eos/pad fall back to the tokenizer's."""
+    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    if args.do_sample:
+        for name in ("temperature", "top_k", "top_p"):
+            if getattr(args, name) is not None:
+                kwargs[name] = getattr(args, name)
+    if model.generation_config.eos_token_id is None and tokenizer.eos_token_id is not None:
+        kwargs["eos_token_id"] = tokenizer.eos_token_id
+    if model.generation_config.pad_token_id is None:
+        kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return kwargs
+
+
+def stream_generate(model, inputs: dict, tokenizer, out=None, **kwargs) -> str:
+    """Run `model.generate` in a thread and write the answer to `out` (default: stdout) as it is produced, then a
+    newline; returns the whole answer."""
+    from transformers import TextIteratorStreamer
+
+    out = out if out is not None else sys.stdout
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(**inputs, streamer=streamer, **kwargs)
+        except BaseException as err:  # re-raised in the caller's thread below
+            failure.append(err)
+            streamer.end()  # unblocks the reader
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    thread.join()
+    if failure:
+        raise failure[0]
+    out.write("\n")
+    out.flush()
+    return "".join(pieces)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `nanovlm-generate`; returns the exit status (2 for bad inputs, with a one-line message)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        check_args(parser, args)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        device, dtype = pick_device_and_dtype(args.device, args.dtype)
+        images = load_images(args.image)
+        check_checkpoint(args.model)
+    except UsageError as err:
+        print(f"nanovlm-generate: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+    from transformers import AutoModel, AutoProcessor, set_seed
+
+    try:
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+        model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
+    except (OSError, ValueError) as err:  # e.g. a config without weights or processor files
+        print(f"nanovlm-generate: error: cannot load model {args.model} ({_first_line(err)})", file=sys.stderr)
+        return 2
+    model = model.to(device).eval()
+    logger.info("Loaded %s (%s) on %s.", args.model, dtype, device)
+
+    inputs = processor.apply_chat_template(
+        build_messages(images, args.prompt, args.system),
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+    ).to(device)
+    if args.seed is not None:
+        set_seed(args.seed)
+    stream_generate(model, dict(inputs), processor.tokenizer, **generation_kwargs(args, model, processor.tokenizer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["build_messages", "build_parser", "check_checkpoint", "load_images", "main", "stream_generate"]
