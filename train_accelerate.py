@@ -63,18 +63,19 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=collator,
         processing_class=processor,
     )
+    trainer.card_info["dataset"] = data_args.dataset_name_or_path
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
 
     final_dir = os.path.join(training_args.output_dir, "final")
-    trainer.save_model(final_dir)  # the best model when load_best_model_at_end, with the processor
     results = {"final_model": final_dir}
     if trainer.is_world_process_zero():
         results["plots"] = plot_training_curves(trainer.state.log_history, training_args.output_dir)
-        if data_args.synthetic_dataset:
+        if data_args.synthetic_dataset:  # on the best model (load_best_model_at_end), which is what gets saved
             results.update(report_synthetic_accuracy(trainer.model, processor, data_args, training_args))
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
+    trainer.save_model(final_dir)  # with the processor, training_info.json (incl. results.json) and the card
     if training_args.push_to_hub or training_args.hub_model_id:
         trainer.push_to_hub()  # the final (best) model, its processor and code files
     return results

@@ -14,6 +14,10 @@ Non-standard parts:
   run without a KV cache, otherwise the packed-sequence mask is silently dropped and samples attend to each other:
   `use_cache` is forced off when training or when labels are given.
 
+- `push_to_hub` uploads a model card built from the model (parameter counts, backbones, training, evaluation, usage;
+  see model_card_nanovlm.py) instead of transformers' generic one, and `save_pretrained` carries the model's
+  `training_info.json` along.
+
 This file is copied next to the weights by `save_pretrained`; it imports its siblings only as `from .x import Y`.
 """
 
@@ -29,6 +33,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Generation
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 
 from .configuration_nanovlm import NanoVLMConfig
+from .model_card_nanovlm import card_tags_from, load_training_info, save_training_info, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -206,13 +211,33 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
     # save_pretrained records one auto class per class (`register_for_auto_class`); these point at the same class.
     _extra_auto_classes = ("AutoModelForImageTextToText", "AutoModelForCausalLM")
 
+    # Set by NanoVLMTrainer (or by hand): what the model card reports about training; see model_card_nanovlm.py.
+    training_info: dict | None = None
+
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, also mapping AutoModelForImageTextToText/CausalLM in `auto_map`."""
+        """`PreTrainedModel.save_pretrained`, also mapping AutoModelForImageTextToText/CausalLM in `auto_map` and
+        writing the model's training info (`training_info.json`, for the model card) when it has any."""
         if self._auto_class is not None:
             name = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
             extra = {auto_class: name for auto_class in self._extra_auto_classes}
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **extra}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        info = load_training_info(self)
+        if info is not None and kwargs.get("is_main_process", True):
+            save_training_info(info, save_directory)
+        return out
+
+    def _upload_modified_files(self, working_dir, repo_id, files_timestamps, **kwargs):
+        """The last step of `push_to_hub` and `save_pretrained(push_to_hub=True)`, right after transformers wrote its
+        generic README.md: replace it with the NanoVLM model card (keeping its tags) and add the training info, then
+        upload as usual."""
+        readme = os.path.join(working_dir, "README.md")
+        info = load_training_info(self)
+        if info is not None:
+            save_training_info(info, working_dir)
+        write_model_card(self, working_dir, repo_id=repo_id, tags=card_tags_from(readme), training_info=info)
+        logger.info("Wrote the NanoVLM model card to %s", readme)
+        return super()._upload_modified_files(working_dir, repo_id, files_timestamps, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -309,6 +334,8 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         vision_cfg = AutoConfig.from_pretrained(vision_model, **from_pretrained_kwargs)
         vision_cfg = getattr(vision_cfg, "vision_config", vision_cfg)  # a full SigLIP checkpoint
         text_cfg = AutoConfig.from_pretrained(text_model, **from_pretrained_kwargs)
+        # recorded in config.json as the backbones' names (the model card reports them)
+        vision_cfg._name_or_path, text_cfg._name_or_path = os.fspath(vision_model), os.fspath(text_model)
         config = NanoVLMConfig(
             vision_config=vision_cfg.to_dict(),
             text_config=text_cfg.to_dict(),

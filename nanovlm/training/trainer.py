@@ -11,6 +11,9 @@ What it overrides, and why (everything else is Trainer's):
 - `_save_checkpoint` / `train`: the packed dataset's position is saved with every checkpoint (before
   trainer_state.json, which Trainer writes last: a checkpoint without a readable trainer_state.json is incomplete
   and never resumed from), and restored on resume instead of replaying batches.
+- `save_model` / `create_model_card`: every save writes the run's `training_info.json` (steps, losses, data, LRs,
+  LoRA settings, the entry point's results.json) and the NanoVLM model card (README.md, model_card_nanovlm.py),
+  which `push_to_hub` uploads instead of Trainer's generic card. A PEFT (LoRA) model is saved as its adapter.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.packing import PackedDataset, combine_pack_states
+from ..model_card_nanovlm import save_training_info, write_model_card
 from .flops import estimate_flops, peak_flops
 from .optim import GuardedAdamW, NonFiniteGuard, apply_freezing, build_param_groups, nanovlm_scheduler
 
 logger = logging.getLogger(__name__)
 
 DATA_STATE_NAME = "data_state.json"
+RESULTS_NAME = "results.json"  # written into output_dir by train_accelerate.py (synthetic accuracy); on the card
 TRAINER_STATE_NAME = "trainer_state.json"
 
 
@@ -87,6 +92,8 @@ class NanoVLMTrainer(Trainer):
         self._skip_by_worker: dict[int, dict] = {}
         self._reset_window()
         self._last_step_end: float | None = None
+        # Extra training info for the model card, e.g. {"dataset": "HuggingFaceM4/FineVision"}; see training_info().
+        self.card_info: dict[str, Any] = {}
 
     # ---- data loading --------------------------------------------------------------------------------------------
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):
@@ -245,6 +252,78 @@ class NanoVLMTrainer(Trainer):
         self._last_step_end = None  # evaluation time is not data wait
         return metrics
 
+    # ---- model card ----------------------------------------------------------------------------------------------
+    def training_info(self, dataset: str | list[str] | None = None, finetuned_from: str | None = None) -> dict:
+        """What the model card reports about this run (see model_card_nanovlm.py): steps, global batch, LRs, the
+        last training loss, the last and best validation loss, the data (`dataset`, else `card_info["dataset"]`,
+        else the `save_to_disk` folder of the training rows), LoRA settings, and `results.json` of the output dir."""
+        history = self.state.log_history
+        losses = [e["loss"] for e in history if "loss" in e]
+        eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
+        model = self.accelerator.unwrap_model(self.model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        info: dict[str, Any] = {
+            "steps": self.state.global_step,
+            "global_batch_size": self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+            * self.args.world_size,
+            "learning_rates": dict(self.part_lrs),
+            "dataset": dataset or self.card_info.get("dataset") or _dataset_name(self.train_dataset),
+            "finetuned_from": finetuned_from or getattr(base, "name_or_path", None) or None,
+        }
+        if losses:
+            info["train_loss"] = losses[-1]
+        if eval_losses:
+            info["eval_loss"] = eval_losses[-1]
+        if self.args.load_best_model_at_end and self.args.metric_for_best_model == "eval_loss":
+            info["best_eval_loss"] = self.state.best_metric
+        if model is not base:  # a PeftModel
+            from .lora import lora_info
+
+            info["lora"] = lora_info(model)
+        results_path = os.path.join(self.args.output_dir, RESULTS_NAME)
+        if os.path.isfile(results_path):
+            with open(results_path) as f:
+                results = json.load(f)
+            keep = ("test_accuracy", "blind_guess_accuracy")
+            info["evaluation"] = {k: results[k] for k in keep if k in results}
+        return {**self.card_info, **{k: v for k, v in info.items() if v is not None}}
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model` (a PEFT model saves its adapter), plus `training_info.json` and the model card
+        (README.md; for an adapter it replaces PEFT's template card)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        info = self.training_info() if self.args.should_save else None
+        model = self.accelerator.unwrap_model(self.model)
+        if info is not None:  # set first: the model's save_pretrained writes it too
+            (model.get_base_model() if hasattr(model, "get_base_model") else model).training_info = info
+        super().save_model(output_dir, _internal_call)
+        if info is not None:
+            save_training_info(info, output_dir)
+            write_model_card(model, output_dir, repo_id=self.args.hub_model_id or output_dir, training_info=info)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write the NanoVLM model card (instead of Trainer's) to `output_dir/README.md`, which `push_to_hub`
+        uploads: the model's card plus this run's training details. `license`, `tasks`, `dataset_tags` and
+        `dataset_args` are ignored (the card is apache-2.0, image-text-to-text)."""
+        if not self.is_world_process_zero():
+            return
+        info = self.training_info(dataset=dataset, finetuned_from=finetuned_from)
+        save_training_info(info, self.args.output_dir)
+        repo_id = self.args.hub_model_id or model_name
+        write_model_card(self.accelerator.unwrap_model(self.model), self.args.output_dir, repo_id=repo_id,
+                         training_info=info, tags=tags, language=language)
+
     # ---- checkpoints and resume ------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
         # Written first; trainer_state.json (written last by Trainer) marks the checkpoint complete.
@@ -302,6 +381,16 @@ class NanoVLMTrainer(Trainer):
         # The dataset continues where it was: Trainer must not also skip the batches it already consumed.
         self.args.ignore_data_skip = True
         logger.info("Restored the data position from %s.", path)
+
+
+def _dataset_name(dataset: Any) -> str | None:
+    """The `save_to_disk` folder the training rows of a PackedDataset were loaded from, or None."""
+    rows = getattr(getattr(dataset, "source", None), "rows", None)
+    for entry in getattr(rows, "cache_files", None) or []:
+        folder = os.path.dirname(os.path.dirname(entry["filename"]))  # <folder>/<split>/data-*.arrow
+        if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
+            return folder
+    return None
 
 
 __all__ = ["NanoVLMTrainer", "last_complete_checkpoint", "is_complete_checkpoint"]

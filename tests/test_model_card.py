@@ -1,0 +1,242 @@
+"""The model card that push_to_hub uploads (model and Trainer paths), checked on the folder that would be uploaded.
+
+The hub is unreachable here: only the network calls (create repo, fetch the generic card, upload) are replaced;
+everything between them is the real code path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import transformers.modeling_utils
+import transformers.trainer
+import transformers.utils.hub as hub
+from huggingface_hub import ModelCard
+from training_helpers import make_trainer, packed_dataset, synthetic_rows, tiny_setup, training_args
+
+from nanovlm.model_card_nanovlm import build_model_card, parameter_counts
+from nanovlm.training.lora import apply_lora
+
+TRAINING_INFO = {
+    "dataset": "HuggingFaceM4/FineVision",
+    "steps": 1234,
+    "global_batch_size": 64,
+    "learning_rates": {"projector": 0.00512, "vision": 5e-05, "language": 0.0},
+    "eval_loss": 1.2345,
+    "evaluation": {"test_accuracy": {"color": 0.875, "overall": 0.5}, "blind_guess_accuracy": {"color": 0.25}},
+}
+
+
+class FakeApi:
+    def create_repo(self, repo_id, **kwargs):
+        return type("Repo", (), {"repo_id": repo_id})()
+
+
+class GenericCard:
+    """transformers' generic card, as `create_and_tag_model_card` returns it (with a tag to keep)."""
+
+    def save(self, path):
+        with open(path, "w") as f:
+            f.write("---\ntags:\n- kept-tag\n---\ngeneric card\n")
+
+
+def capture_model_uploads(monkeypatch) -> dict:
+    """Replace the network calls of `model.push_to_hub` (create repo, fetch the card, upload); returns what would have
+    been uploaded."""
+    uploaded = {}
+
+    def fake_upload(self, working_dir, repo_id, files_timestamps, **kwargs):
+        uploaded["repo"] = repo_id
+        uploaded["files"] = {f: open(os.path.join(working_dir, f), "rb").read() for f in os.listdir(working_dir)}
+
+    for module in (hub, transformers.modeling_utils):  # push_to_hub / save_pretrained(push_to_hub=True)
+        monkeypatch.setattr(module, "hf_api", lambda: FakeApi())
+        monkeypatch.setattr(module, "create_and_tag_model_card", lambda *a, **k: GenericCard())
+    monkeypatch.setattr(hub.PushToHubMixin, "_upload_modified_files", fake_upload)
+    return uploaded
+
+
+def expected_counts(model) -> dict[str, int]:
+    vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+    projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    return {"vision": vision, "projector": projector, "total": model.num_parameters(),
+            "language": model.num_parameters() - vision - projector}
+
+
+def check_card(text: str, counts: dict[str, int], repo: str, library: str = "transformers") -> ModelCard:
+    """Front matter values, the real parameter counts per part (`counts`), and the usage snippet."""
+    card = ModelCard(text)
+    assert card.data.license == "apache-2.0"
+    assert card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.library_name == library
+    assert {"nanovlm", "vision-language"} <= set(card.data.tags)
+    for part, label in (("vision", "vision tower"), ("projector", "projector"), ("language", "language model")):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        assert row.endswith(f"| {counts[part]:,} ({counts[part] / 1e3:.1f}K) |"), row
+    assert f"**{counts['total']:,} ({counts['total'] / 1e3:.1f}K)**" in text
+    assert f'AutoModel.from_pretrained("{repo}", trust_remote_code=True)' in text \
+        or f'PeftModel.from_pretrained(base, "{repo}")' in text
+    return card
+
+
+def test_parameter_counts_match_the_modules(tiny_model):
+    counts = parameter_counts(tiny_model)
+    assert {k: counts[k] for k in ("vision", "projector", "language", "total")} == expected_counts(tiny_model)
+    assert counts["adapter"] == 0
+    assert counts["total"] == sum(p.numel() for p in tiny_model.parameters())  # tied lm_head counted once
+
+
+def test_model_push_to_hub_uploads_the_nanovlm_card(tiny_model, tmp_path, monkeypatch):
+    uploaded = capture_model_uploads(monkeypatch)
+    tiny_model.training_info = dict(TRAINING_INFO)
+    tiny_model.push_to_hub("me/tiny-vlm")
+    tiny_model.save_pretrained(tmp_path / "local")
+    files = uploaded["files"]
+    assert set(files) == set(os.listdir(tmp_path / "local")) | {"README.md"}
+    assert {"model_card_nanovlm.py", "modeling_nanovlm.py", "training_info.json"} <= set(files)
+    auto_map = json.loads(files["config.json"])["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_nanovlm.NanoVLMForConditionalGeneration"
+    assert json.loads(files["training_info.json"]) == TRAINING_INFO
+
+    text = files["README.md"].decode()
+    card = check_card(text, expected_counts(tiny_model), "me/tiny-vlm")
+    assert "kept-tag" in card.data.tags  # tags of transformers' card (user tags, the repo's card) survive
+    assert card.data.datasets == ["HuggingFaceM4/FineVision"]
+    assert "- steps: 1,234 (global batch 64 packed rows)" in text
+    assert "- learning rates: projector 0.00512, vision 5e-05, language 0 (frozen)" in text
+    assert "- validation loss (last evaluation): 1.2345" in text
+    assert "| color | 0.875 | 0.250 |" in text and "| overall | 0.500 |  |" in text
+    assert text.startswith("---\n") and "# tiny-vlm" in text
+
+
+def test_save_pretrained_push_to_hub_uploads_the_card_too(tiny_model, tmp_path, monkeypatch):
+    uploaded = capture_model_uploads(monkeypatch)
+    tiny_model.training_info = {"steps": 7}
+    tiny_model.save_pretrained(tmp_path / "ckpt", push_to_hub=True, repo_id="me/saved")
+    assert uploaded["repo"] == "me/saved"
+    check_card(uploaded["files"]["README.md"].decode(), expected_counts(tiny_model), "me/saved")
+    assert (tmp_path / "ckpt" / "README.md").read_bytes() == uploaded["files"]["README.md"]
+    assert json.loads(uploaded["files"]["training_info.json"]) == {"steps": 7}
+
+
+def test_card_without_training_info_and_with_backbone_names(tiny_model, tmp_path):
+    tiny_model.config.vision_config._name_or_path = "google/siglip2-base-patch16-512"
+    tiny_model.config.text_config._name_or_path = str(tmp_path)  # a local folder: not hub metadata
+    text = build_model_card(tiny_model, repo_id="me/x")
+    card = check_card(text, expected_counts(tiny_model), "me/x")
+    assert card.data.base_model == ["google/siglip2-base-patch16-512"]
+    assert f"| language model | {tmp_path} (llama, 2 layers" in text
+    assert "No training information was recorded" in text and "## Evaluation" not in text
+
+
+def test_lora_adapter_card(tmp_path):
+    model, _ = tiny_setup()
+    counts = expected_counts(model)
+    peft_model = apply_lora(model, training_args(tmp_path, use_lora=True, lora_r=4))
+    info = {"steps": 3, "lora": {"r": 4, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj"],
+                                 "base_model": "me/base-vlm"}}
+    text = build_model_card(peft_model, repo_id="me/adapter", training_info=info)
+    card = check_card(text, counts, "me/adapter", library="peft")
+    assert card.data.base_model == "me/base-vlm" or card.data.base_model == ["me/base-vlm"]
+    assert 'AutoModel.from_pretrained("me/base-vlm", trust_remote_code=True)' in text
+    adapter = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert f"LoRA adapter parameters (not in the total): {adapter:,}" in text
+    assert parameter_counts(peft_model)["total"] == counts["total"]  # modules_to_save copies counted once
+
+
+def test_trainer_push_to_hub_uploads_the_card_with_training_details(tmp_path, monkeypatch):
+    model, processor = tiny_setup()
+    rows = synthetic_rows(48)
+    args = training_args(tmp_path / "run", max_steps=2, eval_strategy="steps", eval_steps=2,
+                         hub_model_id="me/run-vlm")
+    eval_rows = packed_dataset(synthetic_rows(8, seed=1), processor, infinite=False)
+    trainer = make_trainer(model, processor, args, packed_dataset(rows, processor), eval_dataset=eval_rows)
+    trainer.card_info["dataset"] = "outputs/synthetic_data"
+    trainer.train()
+    results = {"test_accuracy": {"color": 0.75, "overall": 0.6}, "blind_guess_accuracy": {"color": 0.25}}
+    (tmp_path / "run" / "results.json").write_text(json.dumps(results))
+
+    uploads = {}
+
+    class Api(FakeApi):
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
+            uploads["repo"] = repo_id
+            uploads["files"] = set(os.listdir(folder_path))
+            uploads["readme"] = open(os.path.join(folder_path, "README.md")).read()
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: Api())
+    trainer.push_to_hub()
+    assert uploads["repo"] == "me/run-vlm"
+    assert {"README.md", "model.safetensors", "model_card_nanovlm.py", "training_info.json"} <= uploads["files"]
+    text = uploads["readme"]
+    check_card(text, expected_counts(model), "me/run-vlm")
+    eval_loss = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e][-1]
+    assert f"- validation loss (last evaluation): {eval_loss:.4f}" in text
+    assert "- steps: 2 (global batch 2 packed rows)" in text and "- data: `outputs/synthetic_data`" in text
+    assert "| color | 0.750 | 0.250 |" in text
+    info = json.loads((tmp_path / "run" / "training_info.json").read_text())
+    assert info["steps"] == 2 and info["evaluation"] == results and info["eval_loss"] == eval_loss
+    # the model pushed on its own later gives the same card (its training info travels with the weights)
+    model_uploads = capture_model_uploads(monkeypatch)
+    from nanovlm import NanoVLMForConditionalGeneration
+
+    NanoVLMForConditionalGeneration.from_pretrained(tmp_path / "run").push_to_hub("me/run-vlm")
+    assert model_uploads["files"]["README.md"].decode().replace("- kept-tag\n", "") == text
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    sys.modules["nanovlm"] = None  # only the checkpoint's own files can be used
+    import transformers.utils.hub as hub
+    from transformers import AutoModel
+
+    class Api:
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+    class Card:
+        def save(self, path):
+            open(path, "w").write("generic")
+
+    def upload(self, working_dir, repo_id, files_timestamps, **kwargs):
+        open(sys.argv[2], "w").write(open(os.path.join(working_dir, "README.md")).read())
+
+    hub.hf_api, hub.create_and_tag_model_card = (lambda: Api()), (lambda *a, **k: Card())
+    hub.PushToHubMixin._upload_modified_files = upload
+    model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+    model.push_to_hub("me/remote")
+    """
+)
+
+
+def test_card_is_built_by_the_copied_code_in_a_fresh_process(tiny_model, tmp_path):
+    tiny_model.training_info = dict(TRAINING_INFO)
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    script = tmp_path / "remote.py"
+    script.write_text(REMOTE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    out = tmp_path / "README.md"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.read_text() == build_model_card(tiny_model, repo_id="me/remote", training_info=TRAINING_INFO)
+
+
+@pytest.mark.parametrize("name", ["me/model", "outputs/demo/final"])
+def test_only_hub_ids_become_metadata(tiny_model, tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("outputs/demo/final")
+    text = build_model_card(tiny_model, training_info={"finetuned_from": name, "dataset": name})
+    card = ModelCard(text)
+    expected = [name] if name == "me/model" else None
+    assert card.data.base_model in (expected, name if expected else None)
+    assert card.data.datasets == expected
+    assert f"- finetuned from: `{name}`" in text
