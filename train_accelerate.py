@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=processor,
     )
     trainer.card_info["dataset"] = data_args.dataset_name_or_path
+    if training_args.lmms_eval_tasks:  # lmms-eval on saved checkpoints, in the background (sbatch or a local process)
+        from nanovlm.training.callbacks import LmmsEvalCallback
+
+        trainer.add_callback(LmmsEvalCallback.from_args(training_args))
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
 

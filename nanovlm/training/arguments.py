@@ -524,6 +524,28 @@ class NanoVLMTrainingArguments(TrainingArguments):
     lmms_eval_interval: int | None = field(
         default=None, metadata={"help": "Steps between lmms-eval runs; None = 2 x --eval_interval."}
     )
+    lmms_eval_limit: float | None = field(
+        default=None, metadata={"help": "Documents per lmms-eval task (an int, or a fraction < 1); None: all."}
+    )
+    lmms_eval_batch_size: int = field(default=8, metadata={"help": "Batch size of the lmms-eval runs."})
+    lmms_eval_device: str | None = field(
+        default=None,
+        metadata={"help": "Device of local lmms-eval processes (e.g. cuda:1, cpu); None: cuda when available."},
+    )
+    lmms_eval_slurm_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "SLURM job template file, or 'default': evaluate through sbatch. None: local background "
+            "processes."
+        },
+    )
+    lmms_eval_results_dir: str | None = field(
+        default=None, metadata={"help": "Where step_N.json results go; None: OUTPUT_DIR/eval_results."}
+    )
+    lmms_eval_await_timeout: float = field(
+        default=3600, metadata={"help": "Seconds to wait for pending evaluations at the end of training."}
+    )
+    lmms_eval_max_concurrent: int = field(default=1, metadata={"help": "Local evaluation processes at a time."})
     max_consecutive_nonfinite_losses: int = field(
         default=5,
         metadata={"help": "Stop training after this many consecutive NaN/inf losses; 0 never stops."},
@@ -632,6 +654,12 @@ class NanoVLMTrainingArguments(TrainingArguments):
         _check_int(errors, "eval_max_batches", self.eval_max_batches, 1, optional=True)
         self.lmms_eval_tasks = _as_str_list(errors, "lmms_eval_tasks", self.lmms_eval_tasks)
         _check_int(errors, "lmms_eval_interval", self.lmms_eval_interval, 1, optional=True)
+        _check_int(errors, "lmms_eval_batch_size", self.lmms_eval_batch_size, 1)
+        _check_int(errors, "lmms_eval_max_concurrent", self.lmms_eval_max_concurrent, 1)
+        if self.lmms_eval_limit is not None and (not _is_number(self.lmms_eval_limit) or self.lmms_eval_limit <= 0):
+            errors.append(f"--lmms_eval_limit must be a number > 0 or None: got {self.lmms_eval_limit!r}")
+        if not _is_number(self.lmms_eval_await_timeout) or self.lmms_eval_await_timeout < 0:
+            errors.append(f"--lmms_eval_await_timeout must be a number >= 0: got {self.lmms_eval_await_timeout!r}")
         _check_int(errors, "max_consecutive_nonfinite_losses", self.max_consecutive_nonfinite_losses, 0)
         for name in ("compile", "use_lora"):
             _check_bool(errors, name, getattr(self, name))
