@@ -1,0 +1,132 @@
+"""The bench scripts run end to end on the tiny shape and write the JSON they document (nothing is timed here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load_script(name: str):
+    """Import bench/<name>.py (which imports its sibling `common` by name) under a unique module name."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    if name == "common":
+        return importlib.import_module("common")  # the very module the scripts import
+    module_name = f"bench_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def read(path: Path) -> dict:
+    assert path.is_file(), f"{path} was not written"
+    return json.loads(path.read_text())
+
+
+TRAIN_ARGS = ["--shape", "tiny", "--steps", "4", "--warmup_steps", "1", "--batch_size", "2", "--num_workers", "0",
+              "--rows", "48", "--pipeline_batches", "2", "--threads", "1"]
+
+
+def test_train_throughput_counts_what_the_collator_produced(tmp_path):
+    bench = load_script("train_throughput")
+    out = tmp_path / "train.json"
+    report = bench.main(TRAIN_ARGS + ["--out", str(out)])
+    saved = read(out)
+    assert saved["config"]["steps"] == 4 and saved["machine"]["cpu"]
+    (run,) = saved["runs"]
+    assert run == json.loads(json.dumps(report["runs"][0], default=str))
+    for key in ("tokens_per_s", "real_tokens_per_s", "real_token_fraction", "time_split", "peak_memory_bytes",
+                "model_tflops_per_s", "mfu", "pipeline", "totals", "params"):
+        assert key in run, key
+    assert run["steps"] == 4 and run["measured_steps"] == 3
+    assert 0 < run["real_token_fraction"] <= 1
+    assert run["tokens_per_s"] >= run["real_tokens_per_s"] > 0
+    assert run["mfu"] is None and run["peak_memory_kind"] == "cpu_max_rss" and run["peak_memory_bytes"] > 0
+    assert all(v >= 0 for v in run["time_split"].values())
+    assert sum(run["time_split"].values()) == pytest.approx(1.0)
+    assert math.isfinite(run["loss_first"]) and run["losses_finite"]
+    assert run["pipeline"]["batches_per_s"] > 0 and run["pipeline"]["ratio"] > 0
+
+    # The same batches again (num_workers=0, same seed): the totals are exactly what the collator produced.
+    args = bench.build_parser().parse_args(TRAIN_ARGS)
+    trainer = bench.build_run(args, "tiny", str(tmp_path / "again"))["trainer"]
+    batches = [b["stats"] for _, b in zip(range(4), trainer.get_train_dataloader())]
+    totals = run["totals"]
+    assert totals["real_tokens"] == sum(s["num_real_tokens"] for s in batches)
+    assert totals["pad_tokens"] == sum(s["num_pad_tokens"] for s in batches)
+    assert totals["samples"] == sum(s["num_samples"] for s in batches)
+    assert totals["tiles"] == sum(s["num_tiles"] for s in batches)
+    # ... and the trainer's own logged statistics saw the same batches.
+    fraction = totals["real_tokens"] / (totals["real_tokens"] + totals["pad_tokens"])
+    assert run["trainer_logged"]["perf/real_token_fraction"] == pytest.approx(fraction)
+
+
+def test_train_throughput_unpacked_baseline_pads_every_sample_to_the_sequence_length(tmp_path):
+    bench = load_script("train_throughput")
+    args = ["--shape", "tiny", "--steps", "2", "--warmup_steps", "1", "--batch_size", "2", "--num_workers", "0",
+            "--rows", "32", "--pipeline_batches", "1", "--seq_length", "128", "--no-packing", "--data", "random",
+            "--threads", "1", "--out", str(tmp_path / "unpacked.json")]
+    (run,) = bench.main(args)["runs"]
+    totals = run["totals"]
+    assert run["packing"] is False and run["data"] == "random"
+    assert totals["samples"] == 2 * 2  # one sample per row
+    assert totals["real_tokens"] + totals["pad_tokens"] == 2 * 2 * 128
+    assert 0 < run["real_token_fraction"] < 1
+
+
+def test_random_samples_match_the_processor_image_tokens():
+    common = load_script("common")
+    spec = common.get_shape("tiny")
+    tokenizer = common.build_tokenizer(spec)
+    config = common.build_config(spec, tokenizer)
+    processor = common.build_processor_for_shape(spec, tokenizer, config)
+    source = common.RandomSamples(processor, n=40, max_sample_length=spec.max_sample_length)
+    samples = [source[i] for i in range(len(source))]
+    assert any(s is None for s in samples) and any(s is not None for s in samples)  # long ones are skipped
+    for sample in filter(None, samples):
+        tiles = 0 if sample["pixel_values"] is None else sample["pixel_values"].shape[0]
+        assert int((sample["input_ids"] == config.image_token_id).sum()) == tiles * config.image_seq_len
+        assert len(sample["input_ids"]) == len(sample["labels"]) <= spec.max_sample_length
+        assert (sample["labels"] != -100).any()
+    i = next(i for i, s in enumerate(samples) if s is not None)
+    assert source[i]["input_ids"].tolist() == samples[i]["input_ids"].tolist()  # drawn from a per-index seed
+
+
+def test_generation_generates_exactly_the_requested_tokens_in_every_mode(tmp_path):
+    bench = load_script("generation")
+    out = tmp_path / "generation.json"
+    bench.main(["--shape", "tiny", "--batch_sizes", "1", "2", "--max_new_tokens", "5", "--repeats", "1",
+                "--image_size", "80x60", "--threads", "1", "--out", str(out)])
+    runs = read(out)["runs"]
+    assert {(r["batch"], r["mode"]) for r in runs} == {(b, m) for b in (1, 2) for m in ("no_cache", "dynamic", "static")}
+    for r in runs:
+        assert "error" not in r, r
+        assert r["new_tokens"] == 5 and r["image_tiles"] == 5  # 80x60 -> 2x2 tiles + a global view
+        assert 0 < r["ttft_s"] <= r["total_s"] and r["tokens_per_s"] > 0
+        assert r["same_as_no_cache"] is True  # KV-cache and cache-less greedy decoding agree
+    assert all(r["speedup_vs_no_cache"] == 1.0 for r in runs if r["mode"] == "no_cache")
+
+
+def test_preprocess_reports_images_and_samples(tmp_path):
+    bench = load_script("preprocess")
+    out = tmp_path / "preprocess.json"
+    bench.main(["--settings", "demo", "460m", "--sizes", "photo=1024x768", "document=90x120", "--rows", "3",
+                "--min_time", "0", "--out", str(out)])
+    report = read(out)
+    grids = {(r["setting"], r["kind"]): (r["grid"], r["tiles"], r["image_tokens"]) for r in report["images"]}
+    assert grids[("demo", "photo")] == ("1x1", 1, 17)  # one 64 px tile of 16 image tokens + the global token
+    assert grids[("460m", "photo")] == ("2x2", 5, 325)  # 1024x768 -> 2x2 tiles of 64 tokens + a global view
+    assert all(r["process_images_per_s"] > 0 and r["decode_process_images_per_s"] > 0 for r in report["images"])
+    rows = {(r["setting"], r["rows"]) for r in report["samples"]}
+    assert rows == {("demo", "finevision-like"), ("demo", "synthetic"), ("460m", "finevision-like")}
+    assert all(r["samples_per_s"] > 0 and r["tokens_per_sample"] > 0 and r["skipped"] == 0 for r in report["samples"])
