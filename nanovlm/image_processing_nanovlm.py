@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFile
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
@@ -88,7 +88,13 @@ def load_image(image, max_pixels: int | None = None) -> Image.Image:
                 f"Image of {width}x{height} = {width * height} pixels exceeds the cap of {max_pixels} pixels "
                 "(decompression-bomb guard)."
             )
-        image.load()
+        # Truncated files must fail, whatever a library imported earlier set globally (lmms-eval turns PIL's
+        # LOAD_TRUNCATED_IMAGES on at import, which would silently decode half an image).
+        saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            image.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
         return to_rgb(image)
     except (ValueError, TypeError):
         raise

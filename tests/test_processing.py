@@ -242,3 +242,15 @@ def test_extend_pretrained_tokenizer(tmp_path):
     assert tok.decode(ids[torch.tensor(out["assistant_masks"][0]).bool()]) == "hello<|im_end|>"
     # extending an object gives the same result
     assert len(extend_tokenizer(PreTrainedTokenizerFast.from_pretrained(tmp_path / "base"))) == len(tok)
+
+
+def test_truncated_image_fails_even_if_a_library_allows_truncated_images(monkeypatch):
+    from PIL import ImageFile
+
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buf, format="PNG")
+    data = buf.getvalue()
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # what lmms-eval does at import
+    with pytest.raises(ValueError, match="Cannot decode image"):
+        load_image(data[: len(data) // 2])
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
