@@ -25,6 +25,7 @@ Two sample sources for training:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -63,18 +64,33 @@ NANOVLM_EXTRA_TOKENS = 66  # <|image|>, <|global_image|> and the 8x8 <row_i_col_
 
 
 def setup_environment() -> None:
-    """No network, quiet libraries: the benches never download anything."""
+    """No network: the benches never download anything (environment defaults only, nothing global changed)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("nanovlm").setLevel(logging.WARNING)
+
+
+def quiet_logging() -> None:
+    """Library warnings and progress bars off: for command-line runs only (it changes process-wide settings)."""
     import datasets
     import transformers
 
+    logging.getLogger("nanovlm").setLevel(logging.WARNING)
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run with `threads` torch intra-op threads (None: unchanged), restoring the previous count afterwards."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -474,21 +490,25 @@ __all__ = [
     "RandomSamples",
     "ShapeSpec",
     "StatsCollator",
+    "args_dict",
     "build_config",
     "build_model",
     "build_processor_for_shape",
     "build_tokenizer",
+    "document_like_image",
+    "draw_image_grids",
     "format_table",
     "get_shape",
     "image_token_ids",
     "machine_info",
     "max_rss_bytes",
     "model_flops",
-    "document_like_image",
     "parameter_counts",
     "photo_like_image",
+    "quiet_logging",
     "resolve_device",
     "setup_environment",
     "synthetic_rows",
+    "torch_threads",
     "write_json",
 ]

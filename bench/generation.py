@@ -46,8 +46,10 @@ from common import (
     machine_info,
     parameter_counts,
     photo_like_image,
+    quiet_logging,
     resolve_device,
     setup_environment,
+    torch_threads,
     write_json,
 )
 from PIL import Image
@@ -212,14 +214,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.repeats < 1 or args.max_new_tokens < 1:
         raise SystemExit("--repeats and --max_new_tokens must be >= 1.")
     setup_environment()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     machine = machine_info(resolve_device(args.device))
+    machine["torch_threads"] = args.threads or machine["torch_threads"]
     print(f"machine: {machine['cpu']} ({machine['cpus_usable']} usable cores), torch {machine['torch']}, "
           f"transformers {machine['transformers']}, {machine.get('gpu', 'no GPU')}; load {machine['load_average']}")
     rows: list[dict[str, Any]] = []
-    for shape in args.shape:
-        rows += run_shape(args, shape)
+    with torch_threads(args.threads):
+        for shape in args.shape:
+            rows += run_shape(args, shape)
     print(f"\n{args.max_new_tokens} new tokens per prompt:")
     print(format_table(_ms(rows), COLUMNS))
     machine["load_average_end"] = machine_info()["load_average"]
@@ -230,4 +232,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    quiet_logging()
     main()

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from common import (
     args_dict,
     build_config,
@@ -43,8 +42,10 @@ from common import (
     get_shape,
     machine_info,
     photo_like_image,
+    quiet_logging,
     setup_environment,
     synthetic_rows,
+    torch_threads,
     write_json,
 )
 
@@ -201,19 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     setup_environment()
-    torch.set_num_threads(args.threads)
-    machine = machine_info("cpu")
-    print(f"machine: {machine['cpu']} ({machine['cpus_usable']} usable cores), torch threads {args.threads}; "
-          f"load {machine['load_average']}")
     images, samples = [], []
-    for setting in args.settings:
-        spec, _, processor = build_tokenizer_and_processor(setting, args.seed)
-        images += [{"setting": setting, **r} for r in bench_images(processor, args.sizes, args.min_time, args.seed)]
-        rows = finevision_like_rows(args.sizes, args.rows, args.seed)
-        samples.append(bench_samples(spec, processor, rows, "finevision-like", args.min_time))
-        if setting == "demo":
-            synthetic = synthetic_rows(spec, args.rows, seed=args.seed).with_format("arrow")[:].to_pylist()
-            samples.append(bench_samples(spec, processor, synthetic, "synthetic", args.min_time))
+    with torch_threads(args.threads):
+        machine = machine_info("cpu")
+        print(f"machine: {machine['cpu']} ({machine['cpus_usable']} usable cores), torch threads "
+              f"{machine['torch_threads']}; load {machine['load_average']}")
+        for setting in args.settings:
+            spec, _, processor = build_tokenizer_and_processor(setting, args.seed)
+            images += [{"setting": setting, **r} for r in bench_images(processor, args.sizes, args.min_time, args.seed)]
+            rows = finevision_like_rows(args.sizes, args.rows, args.seed)
+            samples.append(bench_samples(spec, processor, rows, "finevision-like", args.min_time))
+            if setting == "demo":
+                synthetic = synthetic_rows(spec, args.rows, seed=args.seed).with_format("arrow")[:].to_pylist()
+                samples.append(bench_samples(spec, processor, synthetic, "synthetic", args.min_time))
     print("Image processor, one image per call:")
     print(format_table(images, IMAGE_COLUMNS))
     print("\nSampleBuilder.build, one row per call:")
@@ -226,4 +227,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    quiet_logging()
     main()

@@ -62,9 +62,11 @@ from common import (
     max_rss_bytes,
     model_flops,
     parameter_counts,
+    quiet_logging,
     resolve_device,
     setup_environment,
     synthetic_rows,
+    torch_threads,
     write_json,
 )
 from transformers import TrainerCallback
@@ -390,14 +392,14 @@ def table_row(result: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     setup_environment()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if not args.pipeline_only and args.steps <= args.warmup_steps:
         raise SystemExit(f"--steps ({args.steps}) must be greater than --warmup_steps ({args.warmup_steps}).")
     machine = machine_info(resolve_device(args.device))
+    machine["torch_threads"] = args.threads or machine["torch_threads"]
     print(f"machine: {machine['cpu']} ({machine['cpus_usable']} usable cores), torch {machine['torch']}, "
           f"transformers {machine['transformers']}, {machine.get('gpu', 'no GPU')}; load {machine['load_average']}")
-    results = [run_shape(args, shape) for shape in args.shape]
+    with torch_threads(args.threads):
+        results = [run_shape(args, shape) for shape in args.shape]
     print(format_table([table_row(r) for r in results], COLUMNS))
     for r in results:
         print(f"{r['shape']}: load average start {r['load_average_start']}, end {r['load_average_end']}; "
@@ -408,4 +410,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    quiet_logging()
     main()
