@@ -471,3 +471,43 @@ def test_lmms_eval_cli_runs_both_tasks_offline(cli_run):
     assert metrics["nanovlm_synthetic_exact_match"] == pytest.approx(share)
     assert metrics["nanovlm_synthetic_exact_match_count"] == pytest.approx(share)
     assert metrics["nanovlm_synthetic_mc_acc"] == pytest.approx(share)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the demo's final report (nanovlm.evaluation.synthetic_eval) goes through the same lmms-eval task
+
+
+def test_demo_report_through_lmms_eval_scores_each_question_type(tiny_tokenizer, tiny_processor, tmp_path,
+                                                                monkeypatch):
+    from nanovlm.evaluation.synthetic_eval import evaluate_synthetic
+
+    data = build_synthetic_dataset(
+        tmp_path / "data", num_train=0, num_validation=0, num_test=12, seed=5, image_size=32,
+        type_weights={"count": 1.0, "color": 1.0}, multi_turn_fraction=0.5,
+    )  # fmt: skip
+    monkeypatch.delenv("NANOVLM_SYNTHETIC_DATA", raising=False)
+    model = make_answering_model(tiny_tokenizer).train()  # answers ANSWER to every question
+    accuracy = evaluate_synthetic(model, tiny_processor, tmp_path / "data", batch_size=5)
+
+    turns = [(t["assistant"], q) for row in data["test"] for t, q in zip(row["texts"], row["question_type"])]
+    expected = {q: sum(answer_is_correct(ANSWER, a) for a, qq in turns if qq == q) / sum(qq == q for _, qq in turns)
+                for q in {q for _, q in turns}}
+    expected["overall"] = sum(answer_is_correct(ANSWER, a) for a, _ in turns) / len(turns)
+    assert accuracy == pytest.approx(expected)
+    assert 0 < expected["count"] < 1 and expected["color"] == 0.0
+    assert model.training  # put back in training mode
+    assert "NANOVLM_SYNTHETIC_DATA" not in os.environ  # the task's data location is set for the call only
+
+
+def test_demo_report_failure_names_the_missing_split(tiny_model, tiny_processor, tmp_path):
+    from nanovlm.evaluation.synthetic_eval import accuracy_from_metrics, evaluate_synthetic
+
+    build_count_data(tmp_path / "data")
+    with pytest.raises(RuntimeError, match=r"could not evaluate nanovlm_synthetic on .*data \(validation\): FileNotFoundError: No synthetic 'validation' split"):
+        evaluate_synthetic(tiny_model, tiny_processor, tmp_path / "data", split="validation")
+    with pytest.raises(FileNotFoundError, match="task folder .*nanovlm_synthetic not found"):
+        evaluate_synthetic(tiny_model, tiny_processor, tmp_path / "data", tasks_dir=tmp_path)
+    with pytest.raises(KeyError, match="nanovlm_synthetic_exact_match is missing"):
+        accuracy_from_metrics({"other_task_acc": 1.0})
+    assert accuracy_from_metrics({"nanovlm_synthetic_exact_match": 0.5, "nanovlm_synthetic_exact_match_count": 0.25}) \
+        == {"count": 0.25, "overall": 0.5}

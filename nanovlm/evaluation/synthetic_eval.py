@@ -1,68 +1,79 @@
-"""Held-out accuracy on the synthetic dataset, per question type, beside the blind-guess baseline.
+"""Held-out accuracy on the synthetic dataset, per question type, through lmms-eval's `nanovlm_synthetic` task.
 
-Every turn of every row is asked with the previous turns (and their reference answers) as context; the reply is
-generated greedily and compared with `answer_is_correct` (normalised exact match).
+The demo's final report runs the same path as `python -m lmms_eval --model nanovlm_hf --tasks nanovlm_synthetic
+--include_path eval/tasks`: the `nanovlm_hf` adapter around the in-memory model, lmms-eval's `simple_evaluate`, and
+the task in `eval/tasks/nanovlm_synthetic` (every turn of the split asked on its own with the row's images, greedy
+answer, normalised exact match). Only where the task reads its data differs: the environment variables below, set
+for the duration of the call.
 """
 
 from __future__ import annotations
 
-import logging
-from collections import defaultdict
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
-import torch
+from .launcher import TASKS_DIR
 
-from ..data.synthetic import answer_is_correct
-from ..image_processing_nanovlm import load_image
-
-logger = logging.getLogger(__name__)
-
-
-def _questions(rows):
-    """(images, messages up to a question, reference, question type) for every turn of every row."""
-    for row in rows:
-        images = [load_image(im) for im in row["images"]]
-        history = []
-        for i, turn in enumerate(row["texts"]):
-            content = [{"type": "text", "text": turn["user"]}]
-            if i == 0:
-                content = [{"type": "image"} for _ in images] + content
-            messages = history + [{"role": "user", "content": content}]
-            yield images, messages, turn["assistant"], row["question_type"][i]
-            history = messages + [{"role": "assistant", "content": turn["assistant"]}]
+TASK = "nanovlm_synthetic"
+_METRIC = f"{TASK}_exact_match"
 
 
-@torch.no_grad()
-def evaluate_synthetic(model, processor, rows, batch_size: int = 32, max_new_tokens: int = 8) -> dict[str, float]:
-    """{question type: accuracy, ..., "overall": accuracy} of greedy answers on `rows` (a Dataset split)."""
-    model.eval()
-    tokenizer = processor.tokenizer
-    correct, total = defaultdict(int), defaultdict(int)
-    batch = []
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
-    def flush():
-        texts = [processor.apply_chat_template(m, add_generation_prompt=True) for _, m, _, _ in batch]
-        old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            inputs = processor(text=texts, images=[ims for ims, _, _, _ in batch], padding=True, return_tensors="pt")
-        finally:
-            tokenizer.padding_side = old_side
-        inputs = inputs.to(model.device)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        replies = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for (_, _, reference, qtype), reply in zip(batch, replies):
-            total[qtype] += 1
-            correct[qtype] += answer_is_correct(reply, reference)
-        batch.clear()
 
-    for item in _questions(rows):
-        batch.append(item)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    result = {q: correct[q] / total[q] for q in sorted(total)}
-    result["overall"] = sum(correct.values()) / max(sum(total.values()), 1)
-    return result
+def accuracy_from_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Flat lmms-eval metrics (`nanovlm_synthetic_exact_match[_{type}]`) -> {question type: accuracy, "overall"}."""
+    if _METRIC not in metrics:
+        raise KeyError(f"{_METRIC} is missing from the lmms-eval results: got {sorted(metrics)}")
+    prefix = _METRIC + "_"
+    accuracy = {key[len(prefix) :]: value for key, value in sorted(metrics.items()) if key.startswith(prefix)}
+    accuracy["overall"] = metrics[_METRIC]
+    return accuracy
+
+
+def evaluate_synthetic(
+    model,
+    processor,
+    data_path: str | os.PathLike,
+    split: str = "test",
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
+    tasks_dir: str | os.PathLike = TASKS_DIR,
+) -> dict[str, float]:
+    """{question type: accuracy, ..., "overall": accuracy} of greedy answers on `split` of the synthetic dataset at
+    `data_path` (a save_to_disk folder), computed by lmms-eval. Raises RuntimeError with lmms-eval's message when the
+    task fails (a missing split, a crash inside lmms-eval)."""
+    from .lmms import NanoVLMLmms, evaluate_tasks
+
+    tasks_dir = Path(tasks_dir)
+    if not (tasks_dir / TASK).is_dir():
+        raise FileNotFoundError(
+            f"lmms-eval task folder {tasks_dir / TASK} not found: the synthetic report needs the repository's "
+            "eval/tasks (install nanovlm from a clone with `pip install -e .`)."
+        )
+    was_training = model.training
+    adapter = NanoVLMLmms(pretrained=model, processor=processor, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    try:
+        with _environment(NANOVLM_SYNTHETIC_DATA=str(Path(data_path).resolve()), NANOVLM_SYNTHETIC_SPLIT=split):
+            report = evaluate_tasks(adapter, [TASK], include_path=str(tasks_dir))
+    finally:
+        model.train(was_training)
+    if TASK in report.failed_tasks:
+        raise RuntimeError(f"lmms-eval could not evaluate {TASK} on {data_path} ({split}): {report.failed_tasks[TASK]}")
+    return accuracy_from_metrics(report.results)
 
 
 def format_accuracy_table(accuracy: dict[str, float], blind: dict[str, float]) -> str:
@@ -75,4 +86,4 @@ def format_accuracy_table(accuracy: dict[str, float], blind: dict[str, float]) -
     return "\n".join(lines)
 
 
-__all__ = ["evaluate_synthetic", "format_accuracy_table"]
+__all__ = ["TASK", "accuracy_from_metrics", "evaluate_synthetic", "format_accuracy_table"]

@@ -92,7 +92,7 @@ class LmmsEvalCallback(TrainerCallback):
             raise ValueError("LmmsEvalCallback needs --lmms_eval_tasks (e.g. mmstar mme, or nanovlm_synthetic).")
         if not value["lmms_eval_slurm_template"] and importlib.util.find_spec("lmms_eval") is None:
             raise ValueError(
-                f"--lmms_eval_tasks {' '.join(tasks)} needs lmms-eval in this environment: pip install -e '.[eval]' "
+                f"--lmms_eval_tasks {' '.join(tasks)} needs lmms-eval in this environment: pip install -e . "
                 "(or unset --lmms_eval_tasks)."
             )
         results_dir = value["lmms_eval_results_dir"] or os.path.join(args.output_dir, "eval_results")

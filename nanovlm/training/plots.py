@@ -23,7 +23,8 @@ def plot_training_curves(log_history: list[dict], output_dir: str) -> list[str]:
         ax.plot(*zip(*train), label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", label="validation loss")
-    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title("Loss"), ax.grid(alpha=0.3), ax.legend()
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title("Loss"), ax.grid(alpha=0.3)
+    _legend_or_note(ax, "no loss logged yet: fewer steps than --logging_steps")
     paths.append(os.path.join(output_dir, "loss.png"))
     fig.tight_layout(), fig.savefig(paths[-1], dpi=100), plt.close(fig)
 
@@ -32,10 +33,19 @@ def plot_training_curves(log_history: list[dict], output_dir: str) -> list[str]:
         points = [(e["step"], e[key]) for e in log_history if key in e and "step" in e]
         ax.plot(*zip(*points), label=key[3:])
     ax.set_xlabel("step"), ax.set_ylabel("learning rate"), ax.set_yscale("log"), ax.set_title("Learning rates")
-    ax.grid(alpha=0.3), ax.legend()
+    ax.grid(alpha=0.3)
+    _legend_or_note(ax, "no learning rate logged yet: fewer steps than --logging_steps")
     paths.append(os.path.join(output_dir, "learning_rate.png"))
     fig.tight_layout(), fig.savefig(paths[-1], dpi=100), plt.close(fig)
     return paths
+
+
+def _legend_or_note(ax, note: str) -> None:
+    """A legend when something was plotted, else the note in the middle of the empty axes (no matplotlib warning)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center")
 
 
 __all__ = ["plot_training_curves"]
