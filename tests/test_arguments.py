@@ -216,6 +216,17 @@ def test_invalid_values_are_collected_across_dataclasses(tmp_path):
     assert len(info.value.errors) == 4
 
 
+def test_synthetic_train_turn_options(tmp_path):
+    argv = ["--output_dir", str(tmp_path), "--synthetic_train_multi_turn_fraction", "1.5"]
+    with pytest.raises(ArgumentsError, match=r"--synthetic_train_multi_turn_fraction must be a number in \[0, 1\]: got 1\.5"):
+        parse_args(argv + ["--synthetic_train_max_turns", "2"])
+    with pytest.raises(ArgumentsError, match=r"--synthetic_train_max_turns must be an integer >= 1: got 0"):
+        parse_args(["--output_dir", str(tmp_path), "--synthetic_train_max_turns", "0"])
+    _, data_args, _ = parse_args(["--output_dir", str(tmp_path), "--synthetic_train_multi_turn_fraction", "1",
+                                  "--synthetic_train_max_turns", "4"])
+    assert (data_args.synthetic_train_multi_turn_fraction, data_args.synthetic_train_max_turns) == (1.0, 4)
+
+
 @pytest.mark.parametrize(
     "flags, expected",
     [([], False), (["--compile"], True), (["--compile", "true"], True), (["--compile", "False"], False)],

@@ -375,6 +375,25 @@ def test_build_writes_save_to_disk_and_parquet_that_round_trip(tmp_path) -> None
     assert list(datasets.load_from_disk(str(out))) == ["train", "test"]
 
 
+def test_train_only_multi_turn_options_leave_validation_and_test_unchanged(tmp_path) -> None:
+    default = syn.build_synthetic_dataset(None, 40, 6, 12, seed=2)
+    more = syn.build_synthetic_dataset(
+        tmp_path / "more", 40, 6, 12, seed=2, train_multi_turn_fraction=1.0, train_max_turns=4
+    )
+    for split in ("validation", "test"):  # the evaluation splits, and so the blind guess, do not move
+        assert more[split]["texts"] == default[split]["texts"]
+        assert more[split]["sample_id"] == default[split]["sample_id"]
+    turns = [len(t) for t in more["train"]["texts"]]
+    assert sum(turns) > sum(len(t) for t in default["train"]["texts"])
+    assert max(turns) == 4 and sum(n > 1 for n in turns) > sum(len(t) > 1 for t in default["train"]["texts"])
+    # follow-ups ask about the first image only: every turn's type is a single-image type after the first
+    for row in more["train"]:
+        assert len(row["question_type"]) == 1 or row["question_type"][0] in ("color", "count", "position", "size")
+    record = json.loads((tmp_path / "more" / "synthetic_config.json").read_text())
+    assert (record["multi_turn_fraction"], record["max_turns"]) == (0.3, 3)
+    assert (record["train_multi_turn_fraction"], record["train_max_turns"]) == (1.0, 4)
+
+
 def test_cli_builds_and_reports_blind_guess(tmp_path, capsys) -> None:
     out = tmp_path / "cli"
     result = syn.main(

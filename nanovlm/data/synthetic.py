@@ -718,6 +718,8 @@ def build_synthetic_dataset(
     eval_low_rating_fraction: float = 0.0,
     corrupt_low_rated_answers: bool = True,
     write_parquet: bool = True,
+    train_multi_turn_fraction: float | None = None,
+    train_max_turns: int | None = None,
 ) -> datasets.DatasetDict:
     """Build train/validation/test splits and write them to `output_dir`.
 
@@ -734,6 +736,10 @@ def build_synthetic_dataset(
         low_rating_fraction: fraction of low-rated turns in the train split.
         eval_low_rating_fraction: the same for validation and test (0 keeps evaluation references all correct).
         write_parquet: also write the parquet copies.
+        train_multi_turn_fraction, train_max_turns: `multi_turn_fraction` and `max_turns` for the train split only
+            (None: the same as the other splits). More follow-up turns per training image give more supervised
+            answers per image encoded, while validation and test keep the standard mix that the blind guess is
+            measured on.
 
     Returns:
         The `datasets.DatasetDict` that was written.
@@ -755,6 +761,11 @@ def build_synthetic_dataset(
         corrupt_low_rated_answers=corrupt_low_rated_answers,
     )
     eval_config = replace(train_config, low_rating_fraction=eval_low_rating_fraction)
+    train_config = replace(
+        train_config,
+        multi_turn_fraction=multi_turn_fraction if train_multi_turn_fraction is None else train_multi_turn_fraction,
+        max_turns=max_turns if train_max_turns is None else train_max_turns,
+    )
     splits = {}
     for split, n in counts.items():
         if n == 0:
@@ -780,7 +791,15 @@ def build_synthetic_dataset(
             if (out / split / "state.json").is_file():
                 shutil.rmtree(out / split)
                 logger.info("removed stale %s", out / split)
-        record = {"seed": seed, **counts, **asdict(train_config), "eval_low_rating_fraction": eval_low_rating_fraction}
+        record = {
+            "seed": seed,
+            **counts,
+            **asdict(eval_config),
+            "low_rating_fraction": train_config.low_rating_fraction,
+            "eval_low_rating_fraction": eval_low_rating_fraction,
+            "train_multi_turn_fraction": train_config.multi_turn_fraction,
+            "train_max_turns": train_config.max_turns,
+        }
         (out / "synthetic_config.json").write_text(json.dumps(record, indent=2) + "\n")
         logger.info("wrote %s (save_to_disk%s)", out, " + parquet/" if write_parquet else "")
     return dataset
@@ -973,6 +992,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--multi_turn_fraction", type=float, default=0.3, help="share of samples with follow-ups")
     parser.add_argument("--max_turns", type=int, default=3, help="most turns per sample")
+    parser.add_argument(
+        "--train_multi_turn_fraction", type=float, default=None, help="--multi_turn_fraction for train only"
+    )
+    parser.add_argument("--train_max_turns", type=int, default=None, help="--max_turns for train only")
     parser.add_argument("--low_rating_fraction", type=float, default=0.05, help="low-rated turns in train")
     parser.add_argument("--eval_low_rating_fraction", type=float, default=0.0, help="low-rated turns in val/test")
     parser.add_argument(
@@ -1004,6 +1027,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             eval_low_rating_fraction=args.eval_low_rating_fraction,
             corrupt_low_rated_answers=args.corrupt_low_rated_answers,
             write_parquet=not args.no_parquet,
+            train_multi_turn_fraction=args.train_multi_turn_fraction,
+            train_max_turns=args.train_max_turns,
         )
     except ValueError as error:
         build_arg_parser().error(str(error))

@@ -375,6 +375,20 @@ class DataArguments:
     synthetic_num_validation: int = field(default=200, metadata={"help": "Synthetic validation samples."})
     synthetic_num_test: int = field(default=200, metadata={"help": "Synthetic test samples."})
     synthetic_image_size: int = field(default=64, metadata={"help": "Side of the synthetic square images in pixels."})
+    synthetic_train_multi_turn_fraction: float = field(
+        default=0.3,
+        metadata={
+            "help": "Share of synthetic training samples with follow-up questions about the same image (validation "
+            "and test keep 0.3)."
+        },
+    )
+    synthetic_train_max_turns: int = field(
+        default=3,
+        metadata={
+            "help": "Most turns per synthetic training sample (validation and test keep 3). Follow-ups ask one "
+            "question per type, so at most 4 turns are reached."
+        },
+    )
     pad_to_multiple_of: int | None = field(
         default=None,
         metadata={
@@ -408,6 +422,8 @@ class DataArguments:
         for name in ("synthetic_num_train", "synthetic_num_validation", "synthetic_num_test"):
             _check_int(errors, name, getattr(self, name), 0)
         _check_int(errors, "synthetic_image_size", self.synthetic_image_size, 16)
+        _check_int(errors, "synthetic_train_max_turns", self.synthetic_train_max_turns, 1)
+        _check_range(errors, "synthetic_train_multi_turn_fraction", self.synthetic_train_multi_turn_fraction, 0, 1)
         _check_int(errors, "pad_to_multiple_of", self.pad_to_multiple_of, 1, optional=True)
 
         if _is_int(self.seq_length) and _is_int(self.max_sample_length) and self.seq_length < self.max_sample_length:

@@ -42,6 +42,8 @@ def prepare_synthetic_dataset(data_args, training_args) -> None:
                 num_test=data_args.synthetic_num_test,
                 seed=training_args.seed,
                 image_size=data_args.synthetic_image_size,
+                train_multi_turn_fraction=data_args.synthetic_train_multi_turn_fraction,
+                train_max_turns=data_args.synthetic_train_max_turns,
             )
 
 
