@@ -75,3 +75,15 @@ def tiny_model(tiny_config):
     model.generation_config.pad_token_id = tiny_config.text_config.pad_token_id
     model.generation_config.eos_token_id = tiny_config.text_config.eos_token_id
     return model.eval()
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Tiny models run fastest on one thread, and far faster on a busy machine (no OpenMP spin-waiting); the
+    environment variable reaches evaluation subprocesses. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)

@@ -30,15 +30,7 @@ from nanovlm.training.callbacks import LmmsEvalCallback
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny models run fastest on one thread, and far faster on a busy machine (no OpenMP spin-waiting); the
-    environment variable reaches the evaluation subprocesses."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def load_merge_script():
