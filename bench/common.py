@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanovlm import devices
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "train" / "demo.yaml"
 SHAPES = ("tiny", "demo", "460m")
@@ -446,12 +448,10 @@ def max_rss_bytes(children: bool = False) -> int:
 
 def resolve_device(name: str | None) -> torch.device:
     """`--device`: None/"auto" picks cuda when available; a cuda request without a GPU fails naming the fix."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA GPU is available here; use --device cpu.")
-    return device
+    try:
+        return devices.resolve_device(name)
+    except ValueError as error:
+        raise SystemExit(f"--device {name}: {error}") from None
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:

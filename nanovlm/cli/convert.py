@@ -69,6 +69,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer
 
 from nanovlm.configuration_nanovlm import NanoVLMConfig
+from nanovlm.devices import DTYPES
 from nanovlm.image_processing_nanovlm import NanoVLMImageProcessor
 from nanovlm.modeling_nanovlm import NanoVLMForConditionalGeneration
 from nanovlm.processing_nanovlm import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, NanoVLMProcessor, tile_token
@@ -518,7 +519,6 @@ def build_converted_processor(cfg: Mapping, tokenizer, config: NanoVLMConfig) ->
 
 
 # ---- the whole conversion -------------------------------------------------------------------------------------------
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def convert_checkpoint(

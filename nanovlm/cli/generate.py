@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-logger = logging.getLogger(__name__)
+from nanovlm.devices import DTYPES, resolve_device, resolve_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+logger = logging.getLogger(__name__)
 
 
 class UsageError(Exception):
@@ -75,12 +75,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def pick_device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
     """Resolve `--device`/`--dtype` defaults; a requested CUDA device must exist."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was requested but no CUDA GPU is available; use --device cpu.")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return torch.device(device), DTYPES[dtype]
+    try:
+        resolved = resolve_device(device)
+    except ValueError:
+        raise UsageError(f"--device {device} was requested but no CUDA GPU is available; use --device cpu.") from None
+    return resolved, resolve_dtype(dtype, resolved)
 
 
 def load_images(paths: Sequence[str]) -> list[Image.Image]:

@@ -40,6 +40,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.api.registry import register_model
 from transformers import AutoProcessor, PreTrainedModel
 
+from ..devices import resolve_device, resolve_dtype
 from ..image_processing_nanovlm import load_image
 from ..modeling_nanovlm import NanoVLMForConditionalGeneration
 from ..processing_nanovlm import NanoVLMProcessor
@@ -48,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 MODEL_ID = "nanovlm_hf"
 CLASS_PATH = "nanovlm.evaluation.lmms.NanoVLMLmms"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -184,27 +184,10 @@ def distributed_context() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), local_rank
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None/"auto": bfloat16 on a bf16-capable GPU, float32 elsewhere (CPUs without native bf16 are 5-33x slower)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; choose one of {['auto', *DTYPES]}.")
-    return DTYPES[dtype]
-
-
 def _resolve_device(device: str | torch.device | None, world_size: int, local_rank: int) -> torch.device:
     if world_size > 1 and torch.cuda.is_available():
         return torch.device(f"cuda:{local_rank}")  # data parallel: one GPU per process
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} was requested but CUDA is not available; pass device=cpu.")
-    return device
+    return resolve_device(device)
 
 
 def _to_int(name: str, value: Any, minimum: int = 1) -> int:
