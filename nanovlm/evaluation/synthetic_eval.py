@@ -9,29 +9,15 @@ for the duration of the call.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
+from unittest import mock
 
 from .launcher import TASKS_DIR
 
 TASK = "nanovlm_synthetic"
 _METRIC = f"{TASK}_exact_match"
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def accuracy_from_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -67,7 +53,9 @@ def evaluate_synthetic(
     was_training = model.training
     adapter = NanoVLMLmms(pretrained=model, processor=processor, batch_size=batch_size, max_new_tokens=max_new_tokens)
     try:
-        with _environment(NANOVLM_SYNTHETIC_DATA=str(Path(data_path).resolve()), NANOVLM_SYNTHETIC_SPLIT=split):
+        # the task reads its data location from the environment; patch.dict restores it afterwards
+        location = {"NANOVLM_SYNTHETIC_DATA": str(Path(data_path).resolve()), "NANOVLM_SYNTHETIC_SPLIT": split}
+        with mock.patch.dict(os.environ, location):
             report = evaluate_tasks(adapter, [TASK], include_path=str(tasks_dir))
     finally:
         model.train(was_training)
