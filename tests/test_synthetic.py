@@ -392,6 +392,10 @@ def test_train_only_multi_turn_options_leave_validation_and_test_unchanged(tmp_p
     record = json.loads((tmp_path / "more" / "synthetic_config.json").read_text())
     assert (record["multi_turn_fraction"], record["max_turns"]) == (0.3, 3)
     assert (record["train_multi_turn_fraction"], record["train_max_turns"]) == (1.0, 4)
+    with pytest.raises(ValueError, match=r"^train_max_turns must be an int >= 1, got 0$"):
+        syn.build_synthetic_dataset(None, 2, 0, 0, train_max_turns=0)
+    with pytest.raises(ValueError, match=r"^train_multi_turn_fraction must be a probability in \[0, 1\], got 1\.5$"):
+        syn.build_synthetic_dataset(None, 2, 0, 0, train_multi_turn_fraction=1.5)
 
 
 def test_cli_builds_and_reports_blind_guess(tmp_path, capsys) -> None:

@@ -761,11 +761,14 @@ def build_synthetic_dataset(
         corrupt_low_rated_answers=corrupt_low_rated_answers,
     )
     eval_config = replace(train_config, low_rating_fraction=eval_low_rating_fraction)
-    train_config = replace(
-        train_config,
-        multi_turn_fraction=multi_turn_fraction if train_multi_turn_fraction is None else train_multi_turn_fraction,
-        max_turns=max_turns if train_max_turns is None else train_max_turns,
-    )
+    try:
+        train_config = replace(
+            train_config,
+            multi_turn_fraction=multi_turn_fraction if train_multi_turn_fraction is None else train_multi_turn_fraction,
+            max_turns=max_turns if train_max_turns is None else train_max_turns,
+        )
+    except ValueError as error:  # name the train-only option the user gave
+        raise ValueError(f"train_{error}") from None
     splits = {}
     for split, n in counts.items():
         if n == 0:
