@@ -170,8 +170,13 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         self.max_grid = int(max_grid)
         self.upscale = bool(upscale)
         self.do_normalize = bool(do_normalize)
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
+        self.image_mean = [float(v) for v in image_mean]
+        self.image_std = [float(v) for v in image_std]
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError(
+                f"image_mean and image_std must be three numbers each (R, G, B), every std > 0: got "
+                f"image_mean={list(image_mean)}, image_std={list(image_std)}."
+            )
         self.resample = int(resample)
         if global_view_from not in ("source", "resized"):
             raise ValueError(f"global_view_from must be 'source' or 'resized', got {global_view_from!r}.")

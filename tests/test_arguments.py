@@ -297,6 +297,21 @@ def test_evaluation_follows_validation_data(tmp_path):
         ),
         ({"random_init": True, "vision_model": None}, r"--random_init needs --model_config or both"),
         ({"attn_implementation": "fast"}, r"--attn_implementation must be one of \['eager', 'sdpa'"),
+        (
+            {"random_init": True, "vision_sincos_position_scale": -1.0},
+            r"--vision_sincos_position_scale must be a number > 0 or None: got -1\.0",
+        ),
+        ({"vision_sincos_position_scale": 2.0}, r"--vision_sincos_position_scale needs --random_init true"),
+        ({"image_mean": [0.5, 0.5]}, r"--image_mean must be three finite numbers \(R G B\): got \[0\.5, 0\.5\]"),
+        ({"image_std": [0.2, 0.0, 0.2]}, r"--image_std must be three finite numbers > 0 \(R G B\): got \[0\.2, 0\.0"),
+        (
+            {"image_std": [0.2] * 3, "normalize_images": False},
+            r"--image_std has no effect with --normalize_images false",
+        ),
+        (
+            {"image_mean": [0.9] * 3, "model_name_or_path": "ckpt"},
+            r"--image_mean must be unset when starting from --model_name_or_path \(its saved processor keeps",
+        ),
     ],
 )
 def test_model_arguments_validation(kwargs, message):
@@ -318,6 +333,16 @@ def test_model_arguments_validation(kwargs, message):
         (
             {"synthetic_dataset": True, "synthetic_num_train": 0},
             r"--synthetic_num_train must be >= 1 with --synthetic_dataset",
+        ),
+        ({"synthetic_num_train_simple": -1}, r"--synthetic_num_train_simple must be an integer >= 0: got -1"),
+        ({"curriculum_split": "train"}, r"--curriculum_split must differ from --train_split and --eval_split: got 'train'"),
+        (
+            {"curriculum_split": "simple", "eval_split": "simple"},
+            r"--curriculum_split must differ from --train_split and --eval_split: got 'simple'",
+        ),
+        (
+            {"curriculum_split": "simple", "streaming": True},
+            r"--curriculum_split needs a map-style dataset, not --streaming true: got 'simple'",
         ),
     ],
 )
@@ -407,3 +432,25 @@ def test_every_config_yaml_loads(path, tmp_path):
         assert isinstance(data, dict), f"{relative} is not a mapping"
         if relative.parts[0] == "accelerate":
             assert "distributed_type" in data, f"{relative} has no distributed_type"
+
+
+def test_image_normalization_flags_reach_the_processor(tmp_path, tiny_tokenizer, tiny_config):
+    from PIL import Image
+
+    from nanovlm.training.build import build_processor_for
+
+    argv = ["--output_dir", str(tmp_path), "--max_image_size", "32", "--tile_size", "32", "--max_grid", "1"]
+    model_args, _, _ = parse_args(argv + ["--image_mean", "0.9", "0.8", "0.7", "--image_std", "0.1", "0.2", "0.4"])
+    assert model_args.image_mean == [0.9, 0.8, 0.7] and model_args.image_std == [0.1, 0.2, 0.4]
+    processor = build_processor_for(tiny_config, tiny_tokenizer, model_args)
+    pixels = processor.image_processor(images=[Image.new("RGB", (32, 32), (255, 102, 0))])["pixel_values"]
+    expected = torch.tensor([(1.0 - 0.9) / 0.1, (0.4 - 0.8) / 0.2, (0.0 - 0.7) / 0.4])
+    assert pixels.shape == (1, 3, 32, 32)
+    assert torch.allclose(pixels[0, :, 0, 0], expected, atol=1e-5)
+    assert torch.allclose(pixels[0], expected.view(3, 1, 1).expand(3, 32, 32), atol=1e-5)
+
+    default_args, _, _ = parse_args(argv)  # unset: SigLIP's 0.5 / 0.5
+    default = build_processor_for(tiny_config, tiny_tokenizer, default_args).image_processor
+    assert default.image_mean == [0.5, 0.5, 0.5] and default.image_std == [0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match=r"image_mean and image_std must be three numbers each \(R, G, B\), every std > 0"):
+        type(default)(tile_size=32, max_image_size=32, max_grid=1, image_std=[0.5, 0.5, 0.0])

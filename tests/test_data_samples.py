@@ -437,3 +437,18 @@ def test_sample_stream_in_dataloader_workers_reads_every_row_once(tiny_processor
     loader = DataLoader(packed, batch_size=None, num_workers=2, collate_fn=lambda pack: pack)
     answers = [_answer(tiny_processor, s) for pack in loader for s in pack["samples"]]
     assert sorted(answers) == sorted(f"answer {i}<|im_end|>" for i in range(10) if i not in (2, 4))
+
+
+def test_sample_dataset_curriculum_prefix(builder):
+    rows = [_row(("What color?", f"answer {i}")) for i in range(9)]
+    data = SampleDataset(rows, builder, seed=4, first=3)
+    epoch0 = [data.row_index(i) for i in range(9)]
+    assert sorted(epoch0[:3]) == [0, 1, 2] and sorted(epoch0[3:]) == list(range(3, 9))
+    assert epoch0[3:] != list(range(3, 9))  # each group is shuffled
+    data.set_epoch(1)
+    assert sorted(data.row_index(i) for i in range(9)) == list(range(9))
+    assert SampleDataset(rows, builder, seed=4).row_index(0) is not None  # first=0 is a plain shuffle
+    with pytest.raises(ValueError, match=r"first must be an int in \[0, 9\] \(the number of rows\), got 10"):
+        SampleDataset(rows, builder, seed=4, first=10)
+    with pytest.raises(ValueError, match=r"first \(a curriculum prefix\) needs a seed"):
+        SampleDataset(rows, builder, first=2)

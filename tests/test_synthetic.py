@@ -8,6 +8,7 @@ import math
 import re
 from collections import Counter
 
+import datasets
 import pytest
 
 from nanovlm.data import synthetic as syn
@@ -230,6 +231,8 @@ def test_type_weights_select_question_types() -> None:
         ({"type_weights": {"color": 0.0}}, "at least one question type a positive weight"),
         ({"low_rating_fraction": 1.5}, r"low_rating_fraction must be a probability in \[0, 1\], got 1.5"),
         ({"max_turns": 0}, "max_turns must be an int >= 1, got 0"),
+        ({"max_shapes": 5}, r"max_shapes must be an int in \[1, 4\], got 5"),
+        ({"max_shapes": 1}, r"size questions compare two shapes, so max_shapes=1 needs type_weights\['size'\] = 0"),
     ],
 )
 def test_config_errors_name_the_value(kwargs: dict, match: str) -> None:
@@ -398,6 +401,52 @@ def test_train_only_multi_turn_options_leave_validation_and_test_unchanged(tmp_p
         syn.build_synthetic_dataset(None, 2, 0, 0, train_multi_turn_fraction=1.5)
 
 
+def test_max_shapes_bounds_every_image_and_keeps_the_default_stream() -> None:
+    # The default (4) draws exactly the stream it always did: an explicit max_shapes=4 gives identical rows.
+    default = [syn.generate_sample(i, seed=5) for i in range(40)]
+    explicit = [syn.generate_sample(i, seed=5, config=syn.SyntheticConfig(max_shapes=4)) for i in range(40)]
+    assert [r["texts"] for r in explicit] == [r["texts"] for r in default]
+    assert [r["scenes"] for r in explicit] == [r["scenes"] for r in default]
+    weights = {t: 1.0 for t in syn.QUESTION_TYPES if t != "size"}
+    for limit in (1, 2):
+        config = syn.SyntheticConfig(max_shapes=limit, type_weights=weights if limit == 1 else None)
+        rows = [syn.generate_sample(i, seed=5, config=config) for i in range(150)]
+        counts = [len(scene["shapes"]) for r in rows for scene in json.loads(r["scenes"])]
+        assert max(counts) == limit
+        types = {t for r in rows for t in r["question_type"]}
+        assert types >= ({"color", "count", "position", "multi_image"} | ({"size"} if limit == 2 else set()))
+        count_answers = {
+            turn["assistant"]
+            for r in rows
+            for k, (turn, t) in enumerate(zip(r["texts"], r["question_type"]))
+            if t == "count" and min(r[c][k] for c in syn.RATING_COLUMNS) >= 3  # low-rated answers are corrupted
+        }
+        assert count_answers == {str(n) for n in range(1, limit + 1)}
+
+
+def test_simple_split_is_single_object_and_leaves_the_other_splits_unchanged(tmp_path) -> None:
+    default = syn.build_synthetic_dataset(None, 30, 6, 12, seed=3, train_multi_turn_fraction=1.0, train_max_turns=4)
+    data = syn.build_synthetic_dataset(
+        tmp_path / "simple", 30, 6, 12, seed=3, train_multi_turn_fraction=1.0, train_max_turns=4, num_train_simple=60
+    )
+    assert set(data) == {"train", "validation", "test", syn.SIMPLE_SPLIT}
+    for split in ("train", "validation", "test"):
+        assert data[split]["texts"] == default[split]["texts"]
+    simple = data[syn.SIMPLE_SPLIT]
+    assert len(simple) == 60 and all(sid.startswith("train_simple-3-") for sid in simple["sample_id"])
+    assert all(len(scenes) == 1 and len(scenes[0]["shapes"]) == 1 for scenes in map(json.loads, simple["scenes"]))
+    first_types = [types[0] for types in simple["question_type"]]
+    assert set(first_types) == {"color", "count", "position"}
+    assert max(len(t) for t in simple["texts"]) == 3  # multi-turn as train: one question per type (3 types)
+    # the blind guess still takes its majorities from the train split only
+    assert syn.blind_guess_accuracy(data) == syn.blind_guess_accuracy(default)
+    record = json.loads((tmp_path / "simple" / "synthetic_config.json").read_text())
+    assert record[syn.SIMPLE_SPLIT] == 60 and record["max_shapes"] == 4
+    reloaded = syn.build_synthetic_dataset(tmp_path / "simple", 30, 6, 12, seed=3)  # rebuilt without it
+    assert syn.SIMPLE_SPLIT not in reloaded and not (tmp_path / "simple" / syn.SIMPLE_SPLIT).exists()
+    assert not (tmp_path / "simple" / "parquet" / f"{syn.SIMPLE_SPLIT}.parquet").exists()
+
+
 def test_cli_builds_and_reports_blind_guess(tmp_path, capsys) -> None:
     out = tmp_path / "cli"
     result = syn.main(
@@ -408,6 +457,9 @@ def test_cli_builds_and_reports_blind_guess(tmp_path, capsys) -> None:
     assert re.search(r"overall\s+\d+\s+-\s+[01]\.\d{3}\s+[01]\.\d{3}", printed)
     assert 0.0 <= result["overall"] <= 1.0
     assert (out / "dataset_dict.json").exists() and not (out / "parquet").exists()
+    syn.main(["--output_dir", str(out), "--num_train", "4", "--num_validation", "0", "--num_test", "2",
+              "--num_train_simple", "5", "--no_parquet"])
+    assert len(datasets.load_from_disk(str(out))[syn.SIMPLE_SPLIT]) == 5
     with pytest.raises(SystemExit) as exit_info:
         syn.main(["--help"])
     assert exit_info.value.code == 0

@@ -295,16 +295,28 @@ class SampleDataset:
         seed: if set, `set_epoch(e)` reorders the rows with a permutation seeded by (seed, e), the same in every
             worker and rank; None keeps the row order.
         log_every: log the builder's counter summary every this many rows read in this process (None: never).
+        first: a curriculum: in epoch 0 the first `first` rows are all read before the others (each group in its
+            own seeded order); later epochs shuffle all rows together. Needs `seed`.
     """
 
     def __init__(
-        self, rows: Sequence[Any], builder: SampleBuilder, seed: int | None = None, log_every: int | None = None
+        self,
+        rows: Sequence[Any],
+        builder: SampleBuilder,
+        seed: int | None = None,
+        log_every: int | None = None,
+        first: int = 0,
     ) -> None:
         if not (hasattr(rows, "__len__") and hasattr(rows, "__getitem__")):
             raise TypeError(
                 f"rows must be map-style (a datasets.Dataset or a sequence), got {type(rows).__name__}; "
                 "use SampleStream for streams."
             )
+        if not isinstance(first, int) or isinstance(first, bool) or not 0 <= first <= len(rows):
+            raise ValueError(f"first must be an int in [0, {len(rows)}] (the number of rows), got {first!r}.")
+        if first and seed is None:
+            raise ValueError("first (a curriculum prefix) needs a seed: without one the rows are read in order anyway.")
+        self.first = first
         self.rows = rows
         self._source = _undecoded_map_source(rows)
         self._arrow = self._source is not rows
@@ -332,7 +344,12 @@ class SampleDataset:
         if self.seed is not None and self._order_epoch != epoch:
             n = len(self.rows)
             dtype = np.int32 if n < 2**31 else np.int64
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(n).astype(dtype)
+            rng = np.random.default_rng([self.seed, epoch])
+            if epoch == 0 and self.first:
+                head, tail = rng.permutation(self.first), self.first + rng.permutation(n - self.first)
+                self._order = np.concatenate([head, tail]).astype(dtype)
+            else:
+                self._order = rng.permutation(n).astype(dtype)
             self._order_epoch = epoch
 
     def row_index(self, i: int) -> int:

@@ -99,6 +99,9 @@ RATING_COLUMNS: tuple[str, ...] = (
 )
 SOURCE = "nanovlm_synthetic"
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
+# A curriculum split of single-object scenes (see `build_synthetic_dataset(num_train_simple=...)`).
+SIMPLE_SPLIT = "train_simple"
+SIMPLE_TYPE_WEIGHTS: dict[str, float] = {"color": 1.0, "count": 1.0, "position": 1.0}
 MIN_IMAGE_SIDE = 32
 # Single-image types whose scene supports follow-up turns about the same image.
 _MULTI_TURN_TYPES = ("color", "count", "position", "size")
@@ -122,6 +125,7 @@ class SyntheticConfig:
             keys get weight 0). None means DEFAULT_TYPE_WEIGHTS.
         multi_turn_fraction: probability that a `color`/`count`/`position`/`size` sample gets 1-2 follow-up turns.
         max_turns: upper bound on turns per sample (1 disables follow-ups).
+        max_shapes: most shapes in one image (1..4). 1 gives single-object scenes (no `size` questions then).
         low_rating_fraction: probability that a turn is rated low (some rating 1 or 2).
         corrupt_low_rated_answers: give low-rated turns a wrong answer from the same closed set, as in noisy real
             data, so rating filters have a measurable effect.
@@ -131,6 +135,7 @@ class SyntheticConfig:
     type_weights: Mapping[str, float] | None = None
     multi_turn_fraction: float = 0.3
     max_turns: int = 3
+    max_shapes: int = MAX_SHAPES
     low_rating_fraction: float = 0.05
     corrupt_low_rated_answers: bool = True
 
@@ -165,6 +170,12 @@ class SyntheticConfig:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
         if not isinstance(self.max_turns, int) or self.max_turns < 1:
             raise ValueError(f"max_turns must be an int >= 1, got {self.max_turns!r}")
+        if not isinstance(self.max_shapes, int) or not 1 <= self.max_shapes <= MAX_SHAPES:
+            raise ValueError(f"max_shapes must be an int in [1, {MAX_SHAPES}], got {self.max_shapes!r}")
+        if self.max_shapes < 2 and self.type_weights["size"] > 0:
+            raise ValueError(
+                f"size questions compare two shapes, so max_shapes={self.max_shapes} needs type_weights['size'] = 0"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -420,7 +431,7 @@ def _gen_color(rng: random.Random, cfg: SyntheticConfig) -> _Generated | None:
     if not layout.place(kind, color, layout.radius()):
         return None
     others = [k for k in SHAPES if k != kind]
-    for _ in range(rng.randint(0, MAX_SHAPES - 1)):
+    for _ in range(rng.randint(0, cfg.max_shapes - 1)):
         if not layout.place(rng.choice(others), rng.choice(tuple(COLORS)), layout.radius()):
             return None
     rng.shuffle(layout.shapes)
@@ -430,7 +441,7 @@ def _gen_color(rng: random.Random, cfg: SyntheticConfig) -> _Generated | None:
 
 def _gen_count(rng: random.Random, cfg: SyntheticConfig) -> _Generated | None:
     scene, layout = _new_scene(rng, cfg)
-    n = rng.randint(1, MAX_SHAPES)
+    n = rng.randint(1, cfg.max_shapes)
     for _ in range(n):
         if not layout.place(rng.choice(SHAPES), rng.choice(tuple(COLORS)), layout.radius()):
             return None
@@ -452,7 +463,7 @@ def _gen_position(rng: random.Random, cfg: SyntheticConfig) -> _Generated | None
     if not layout.place(kind, color, layout.radius(0.08, 0.14), region):
         return None
     target = layout.shapes[0]
-    for _ in range(rng.randint(0, MAX_SHAPES - 1)):
+    for _ in range(rng.randint(0, cfg.max_shapes - 1)):
         other_kind, other_color = rng.choice(SHAPES), rng.choice(tuple(COLORS))
         if (other_kind, other_color) == (kind, color):
             continue
@@ -481,7 +492,7 @@ def _gen_size(rng: random.Random, cfg: SyntheticConfig) -> _Generated | None:
         if not layout.place(s.kind, s.color, s.r):
             return None
     spare = [v for v in values if v not in (a_value, b_value)]
-    for _ in range(rng.randint(0, 1)):
+    for _ in range(rng.randint(0, min(1, cfg.max_shapes - 2))):
         value = rng.choice(spare)
         kind = value if mode == "kind" else rng.choice(SHAPES)
         color = value if mode == "color" else rng.choice(tuple(COLORS))
@@ -524,9 +535,10 @@ def _gen_multi_image(rng: random.Random, cfg: SyntheticConfig) -> _Generated | N
     scenes = []
     for k in range(n_images):
         scene, layout = _new_scene(rng, cfg)
-        if k == target_index and not layout.place(kind, color, layout.radius(0.10, 0.18)):
+        has_target = k == target_index
+        if has_target and not layout.place(kind, color, layout.radius(0.10, 0.18)):
             return None
-        for _ in range(rng.randint(1 if k != target_index else 0, 2)):
+        for _ in range(rng.randint(0 if has_target else 1, min(2, cfg.max_shapes - has_target))):
             # Distractors mostly share one attribute with the target, so the answer needs colour AND shape.
             roll = rng.random()
             if roll < 0.4:
@@ -720,6 +732,7 @@ def build_synthetic_dataset(
     write_parquet: bool = True,
     train_multi_turn_fraction: float | None = None,
     train_max_turns: int | None = None,
+    num_train_simple: int = 0,
 ) -> datasets.DatasetDict:
     """Build train/validation/test splits and write them to `output_dir`.
 
@@ -740,13 +753,18 @@ def build_synthetic_dataset(
             (None: the same as the other splits). More follow-up turns per training image give more supervised
             answers per image encoded, while validation and test keep the standard mix that the blind guess is
             measured on.
+        num_train_simple: also write a `train_simple` split of this many single-object rows (`max_shapes=1`,
+            colour, count and position questions in equal shares, otherwise the train split's settings): a
+            curriculum to read before the train split (`--curriculum_split train_simple`). A tiny model trained
+            from scratch learns to read where a shape is from these; from the full mix alone it did not (see
+            BENCHMARKS.md, "Demo").
 
     Returns:
         The `datasets.DatasetDict` that was written.
     """
     import datasets
 
-    counts = {"train": num_train, "validation": num_validation, "test": num_test}
+    counts = {"train": num_train, "validation": num_validation, "test": num_test, SIMPLE_SPLIT: num_train_simple}
     for split, n in counts.items():
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"num_{split} must be a non-negative int, got {n!r}")
@@ -769,12 +787,18 @@ def build_synthetic_dataset(
         )
     except ValueError as error:  # name the train-only option the user gave
         raise ValueError(f"train_{error}") from None
+    configs = {
+        "train": train_config,
+        "validation": eval_config,
+        "test": eval_config,
+        SIMPLE_SPLIT: replace(train_config, max_shapes=1, type_weights=SIMPLE_TYPE_WEIGHTS),
+    }
     splits = {}
     for split, n in counts.items():
         if n == 0:
             continue
         start = time.perf_counter()
-        splits[split] = generate_split(n, split, seed, train_config if split == "train" else eval_config)
+        splits[split] = generate_split(n, split, seed, configs[split])
         elapsed = time.perf_counter() - start
         logger.info("generated %d %s samples in %.2f s (%.0f samples/s)", n, split, elapsed, n / max(elapsed, 1e-9))
     dataset = datasets.DatasetDict(splits)
@@ -786,7 +810,7 @@ def build_synthetic_dataset(
             for split, ds in dataset.items():
                 ds.to_parquet(str(out / "parquet" / f"{split}.parquet"))
         # A rebuild with fewer splits must not leave an earlier build's split files that a glob would pick up.
-        for split in set(SPLITS) - set(dataset):
+        for split in {*SPLITS, SIMPLE_SPLIT} - set(dataset):
             stale = out / "parquet" / f"{split}.parquet"
             if stale.is_file():
                 stale.unlink()
@@ -999,6 +1023,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--train_multi_turn_fraction", type=float, default=None, help="--multi_turn_fraction for train only"
     )
     parser.add_argument("--train_max_turns", type=int, default=None, help="--max_turns for train only")
+    parser.add_argument(
+        "--num_train_simple",
+        type=int,
+        default=0,
+        help=f"also write a {SIMPLE_SPLIT} split of single-object colour/count/position rows (a curriculum)",
+    )
     parser.add_argument("--low_rating_fraction", type=float, default=0.05, help="low-rated turns in train")
     parser.add_argument("--eval_low_rating_fraction", type=float, default=0.0, help="low-rated turns in val/test")
     parser.add_argument(
@@ -1032,10 +1062,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             write_parquet=not args.no_parquet,
             train_multi_turn_fraction=args.train_multi_turn_fraction,
             train_max_turns=args.train_max_turns,
+            num_train_simple=args.num_train_simple,
         )
     except ValueError as error:
         build_arg_parser().error(str(error))
-    split = next((s for s in ("test", "validation", "train") if s in dataset), "train")
+    split = next(s for s in ("test", "validation", "train", SIMPLE_SPLIT) if s in dataset)
     report = blind_guess_report(dataset, split=split)
     per_question = blind_guess_report(dataset, split=split, per_question=True)
     source = "train" if "train" in dataset else split
@@ -1049,6 +1080,7 @@ __all__ = [
     "COLORS",
     "QUESTION_TYPES",
     "RATING_COLUMNS",
+    "SIMPLE_SPLIT",
     "SHAPES",
     "WORDS",
     "Scene",

@@ -185,6 +185,18 @@ class ModelArguments:
             "fed un-normalized pixels)."
         },
     )
+    image_mean: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-channel (R, G, B) mean for pixel normalization, in [0, 1] units; None keeps SigLIP's 0.5. "
+            "A pretrained vision tower needs the statistics it was trained with; one trained from scratch learns "
+            "faster with its training images' own mean and std (the demo sets both)."
+        },
+    )
+    image_std: list[float] | None = field(
+        default=None,
+        metadata={"help": "Per-channel (R, G, B) standard deviation for pixel normalization; None keeps SigLIP's 0.5."},
+    )
     attn_implementation: str = field(
         default="sdpa",
         metadata={
@@ -205,6 +217,14 @@ class ModelArguments:
         metadata={
             "help": 'NanoVLMConfig keyword arguments for --random_init, e.g. {"vision_config": {...}, '
             '"text_config": {...}, "pixel_shuffle_factor": 2}: a YAML mapping, or a JSON object on the CLI.'
+        },
+    )
+    vision_sincos_position_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "With --random_init: start the vision tower's learned position embeddings from a 2-D sin-cos "
+            "grid (as MAE does) times this scale instead of random noise. A tower trained from scratch then tells "
+            "its patches' positions apart from the first step; the demo uses 2.0. None keeps the random init."
         },
     )
     tokenizer_train_vocab_size: int | None = field(
@@ -231,10 +251,37 @@ class ModelArguments:
             errors.append(
                 f"--attn_implementation must be one of {ATTN_IMPLEMENTATIONS}: got {self.attn_implementation!r}"
             )
+        for name, low in (("image_mean", -math.inf), ("image_std", 0.0)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            bound = "" if low == -math.inf else f" > {low:g}"
+            if (
+                not isinstance(value, (list, tuple))
+                or len(value) != 3
+                or not all(_is_number(v) and math.isfinite(v) and v > low for v in value)
+            ):
+                errors.append(f"--{name} must be three finite numbers{bound} (R G B): got {value!r}")
+            elif self.normalize_images is False:
+                errors.append(f"--{name} has no effect with --normalize_images false: got {value!r}; drop one")
+            elif self.model_name_or_path is not None:
+                errors.append(
+                    f"--{name} must be unset when starting from --model_name_or_path (its saved processor keeps the "
+                    f"normalization the model was trained with): got {value!r}"
+                )
         self.model_config = _parse_json_dict(errors, "model_config", self.model_config)
         _check_int(
             errors, "tokenizer_train_vocab_size", self.tokenizer_train_vocab_size, MIN_TOKENIZER_VOCAB_SIZE, True
         )
+        scale = self.vision_sincos_position_scale
+        if scale is not None:
+            if not _is_number(scale) or not math.isfinite(scale) or scale <= 0:
+                errors.append(f"--vision_sincos_position_scale must be a number > 0 or None: got {scale!r}")
+            elif self.random_init is not True:
+                errors.append(
+                    f"--vision_sincos_position_scale needs --random_init true (a pretrained tower keeps its "
+                    f"position embeddings): got {scale!r}"
+                )
 
         tile, size, grid = self.tile_size, self.max_image_size, self.max_grid
         if all(_is_int(v) and v >= 1 for v in (tile, size, grid)):
@@ -312,6 +359,14 @@ class DataArguments:
         metadata={"help": "Dataset configs (subsets) to concatenate; 'all' takes every config; None the default one."},
     )
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    curriculum_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "A split of the same dataset read before --train_split: the first epoch reads all its rows "
+            "(shuffled among themselves), then the training rows; later epochs shuffle both together. The demo "
+            "uses the synthetic `train_simple` split (single-object scenes). Not with --streaming."
+        },
+    )
     streaming: bool = field(
         default=False,
         metadata={"help": "Stream the dataset instead of downloading it first (for FineVision-sized data)."},
@@ -382,6 +437,13 @@ class DataArguments:
             "and test keep 0.3)."
         },
     )
+    synthetic_num_train_simple: int = field(
+        default=0,
+        metadata={
+            "help": "Rows of the synthetic `train_simple` split (single-object colour/count/position scenes, for "
+            "--curriculum_split train_simple); 0 writes none."
+        },
+    )
     synthetic_train_max_turns: int = field(
         default=3,
         metadata={
@@ -405,6 +467,17 @@ class DataArguments:
                 errors.append(f"--{name} must be a non-empty string: got {value!r}")
         if self.eval_split is not None and (not isinstance(self.eval_split, str) or not self.eval_split):
             errors.append(f"--eval_split must be a split name or None: got {self.eval_split!r}")
+        if self.curriculum_split is not None:
+            if not isinstance(self.curriculum_split, str) or not self.curriculum_split:
+                errors.append(f"--curriculum_split must be a split name or None: got {self.curriculum_split!r}")
+            elif self.curriculum_split in (self.train_split, self.eval_split):
+                errors.append(
+                    f"--curriculum_split must differ from --train_split and --eval_split: got {self.curriculum_split!r}"
+                )
+            elif self.streaming is True:
+                errors.append(
+                    f"--curriculum_split needs a map-style dataset, not --streaming true: got {self.curriculum_split!r}"
+                )
         self.dataset_configs = _as_str_list(errors, "dataset_configs", self.dataset_configs)
         if self.dataset_configs is not None and "all" in self.dataset_configs and len(self.dataset_configs) > 1:
             errors.append(f"--dataset_configs must be 'all' alone or a list of configs: got {self.dataset_configs}")
@@ -419,7 +492,7 @@ class DataArguments:
             if not _is_int(value) or not 1 <= value <= 5:
                 errors.append(f"--{name} must be an integer in 1..5 (1 keeps every turn): got {value!r}")
         _check_int(errors, "max_image_pixels", self.max_image_pixels, 1)
-        for name in ("synthetic_num_train", "synthetic_num_validation", "synthetic_num_test"):
+        for name in ("synthetic_num_train", "synthetic_num_validation", "synthetic_num_test", "synthetic_num_train_simple"):
             _check_int(errors, name, getattr(self, name), 0)
         _check_int(errors, "synthetic_image_size", self.synthetic_image_size, 16)
         _check_int(errors, "synthetic_train_max_turns", self.synthetic_train_max_turns, 1)

@@ -6,10 +6,13 @@ Kept out of `train_accelerate.py` so each piece is importable and tested on its 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
+import torch
 from transformers import AutoProcessor
 
 from ..configuration_nanovlm import NanoVLMConfig
@@ -44,6 +47,7 @@ def prepare_synthetic_dataset(data_args, training_args) -> None:
                 image_size=data_args.synthetic_image_size,
                 train_multi_turn_fraction=data_args.synthetic_train_multi_turn_fraction,
                 train_max_turns=data_args.synthetic_train_max_turns,
+                num_train_simple=data_args.synthetic_num_train_simple,
             )
 
 
@@ -83,10 +87,49 @@ def build_processor_for(config: NanoVLMConfig, tokenizer, model_args) -> NanoVLM
     """A processor matching `config` with the image settings of `model_args`."""
     from .. import build_processor
 
+    normalization = {
+        key: value for key in ("image_mean", "image_std") if (value := getattr(model_args, key)) is not None
+    }
     return build_processor(
         tokenizer, config, max_image_size=model_args.max_image_size, max_grid=model_args.max_grid,
-        upscale=model_args.upscale_images, do_normalize=model_args.normalize_images,
+        upscale=model_args.upscale_images, do_normalize=model_args.normalize_images, **normalization,
     )
+
+
+def sincos_position_grid(side: int, dim: int, temperature: float = 100.0) -> torch.Tensor:
+    """(side * side, dim) 2-D sin-cos position codes of a row-major patch grid, as MAE's: the first half of the
+    channels encode the column, the second half the row, each as sin and cos of `dim / 4` frequencies from 1 down to
+    1 / temperature. Every row has norm sqrt(dim / 2). Hand-written: transformers has no helper for a learned
+    `nn.Embedding` table (SigLIP's) and timm is not a dependency."""
+    if side < 1 or dim < 4 or dim % 4:
+        raise ValueError(f"need side >= 1 and dim a positive multiple of 4, got side={side}, dim={dim}")
+    quarter = dim // 4
+    omega = temperature ** -(torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+
+    def encode(coordinate: torch.Tensor) -> torch.Tensor:
+        angles = coordinate.flatten().to(torch.float64)[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+def init_vision_positions_sincos(model: NanoVLMForConditionalGeneration, scale: float) -> None:
+    """Overwrite the vision tower's learned position embeddings with `scale` x a 2-D sin-cos grid (they stay
+    trainable). Raises for a tower without a square `position_embedding` table."""
+    embeddings = getattr(model.model.vision_tower, "embeddings", None)
+    table = getattr(embeddings, "position_embedding", None)
+    if not isinstance(table, torch.nn.Embedding):
+        raise ValueError(
+            f"--vision_sincos_position_scale needs a vision tower with a learned position_embedding table (SigLIP's); "
+            f"{type(model.model.vision_tower).__name__} has none."
+        )
+    count, dim = table.weight.shape
+    side = math.isqrt(count)
+    if side * side != count:
+        raise ValueError(f"--vision_sincos_position_scale needs a square patch grid, got {count} positions.")
+    with torch.no_grad():
+        table.weight.copy_(scale * sincos_position_grid(side, dim))
 
 
 def build_model_and_processor(model_args, train_rows=None):
@@ -120,6 +163,8 @@ def build_model_and_processor(model_args, train_rows=None):
         )
         model = NanoVLMForConditionalGeneration._from_config(config, **kw)
         model.resize_for_tokenizer(tokenizer)
+        if model_args.vision_sincos_position_scale is not None:
+            init_vision_positions_sincos(model, model_args.vision_sincos_position_scale)
     else:
         model = NanoVLMForConditionalGeneration.from_backbones(
             model_args.vision_model, model_args.text_model, tokenizer=tokenizer,
@@ -143,20 +188,33 @@ def build_datasets(data_args, training_args, processor, train_rows, eval_rows):
         max_image_pixels=data_args.max_image_pixels,
     )
 
-    def source(rows, seed):
+    def source(rows, seed, first=0):
         if data_args.streaming:
             return SampleStream(rows, builder)
-        return SampleDataset(rows, builder, seed=seed)
+        return SampleDataset(rows, builder, seed=seed, first=first)
 
-    def packed(rows, infinite, seed):
+    def packed(rows, infinite, seed, first=0):
         return PackedDataset(
-            source(rows, seed), seq_length=data_args.seq_length,
+            source(rows, seed, first), seq_length=data_args.seq_length,
             max_images_per_pack=data_args.max_images_per_knapsack, buffer_size=data_args.pack_buffer_size,
             seed=training_args.seed, infinite=infinite,
         )
 
     rank, world = training_args.process_index, training_args.world_size
-    train = packed(shard_for_rank(train_rows, rank, world), infinite=True, seed=training_args.seed)
+    train_rows = shard_for_rank(train_rows, rank, world)
+    first = 0
+    if data_args.curriculum_split:
+        # Each rank gets its share of both splits, so every rank starts with curriculum rows.
+        curriculum = shard_for_rank(
+            load_finevision(
+                data_args.dataset_name_or_path, data_args.dataset_configs, split=data_args.curriculum_split
+            ),
+            rank, world,
+        )
+        train_rows, first = datasets.concatenate_datasets([curriculum, train_rows]), len(curriculum)
+        logger.info("Curriculum: the first epoch reads %d %s rows before the %d %s rows", first,
+                    data_args.curriculum_split, len(train_rows) - first, data_args.train_split)
+    train = packed(train_rows, infinite=True, seed=training_args.seed, first=first)
     evaluation = None
     if eval_rows is not None:
         evaluation = packed(shard_for_rank(eval_rows, rank, world), infinite=False, seed=None)
@@ -181,4 +239,4 @@ def configure_reporting(model_args, data_args, training_args) -> None:
                         training_args.output_dir)
 
 
-__all__ = ["configure_reporting", "prepare_synthetic_dataset", "load_rows", "build_model_and_processor", "build_datasets", "build_processor_for", "iter_texts"]
+__all__ = ["init_vision_positions_sincos", "sincos_position_grid", "configure_reporting", "prepare_synthetic_dataset", "load_rows", "build_model_and_processor", "build_datasets", "build_processor_for", "iter_texts"]

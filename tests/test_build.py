@@ -1,0 +1,101 @@
+"""The run builders: the curriculum split read first, and the sin-cos start of the vision position embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nanovlm.data import synthetic as syn
+from nanovlm.training import parse_args
+from nanovlm.training.build import (
+    build_datasets,
+    build_model_and_processor,
+    init_vision_positions_sincos,
+    load_rows,
+    prepare_synthetic_dataset,
+    sincos_position_grid,
+)
+
+MODEL = [
+    "--random_init", "true", "--tokenizer_train_vocab_size", "300", "--max_image_size", "32", "--max_grid", "1",
+    "--model_config",
+    '{"pixel_shuffle_factor": 2, "vision_config": {"image_size": 32, "patch_size": 8, "hidden_size": 32, '
+    '"intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}, "text_config": {"hidden_size": 32, '
+    '"intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}}',
+]
+
+
+def setup_run(tmp_path, *extra: str):
+    argv = [
+        "--output_dir", str(tmp_path / "run"), "--dataset_name_or_path", str(tmp_path / "data"),
+        "--synthetic_dataset", "true", "--synthetic_num_train", "24", "--synthetic_num_validation", "4",
+        "--synthetic_num_test", "0", "--synthetic_image_size", "32", "--eval_split", "validation",
+        "--seq_length", "512", "--max_sample_length", "512", "--max_images_per_example", "3",
+        "--max_images_per_knapsack", "12", "--pack_buffer_size", "8", *MODEL, *extra,
+    ]
+    model_args, data_args, args = parse_args(argv)
+    prepare_synthetic_dataset(data_args, args)
+    rows, eval_rows = load_rows(data_args, args)
+    model, processor = build_model_and_processor(model_args, rows)
+    return model, processor, data_args, args, rows, eval_rows
+
+
+def test_curriculum_rows_are_read_first_in_the_first_epoch_only(tmp_path):
+    _, processor, data_args, args, rows, eval_rows = setup_run(
+        tmp_path, "--synthetic_num_train_simple", "10", "--curriculum_split", syn.SIMPLE_SPLIT
+    )
+    train, _, _ = build_datasets(data_args, args, processor, rows, eval_rows)
+    source = train.source
+    assert len(source) == 34 and source.first == 10
+    simple_texts = [r["texts"] for r in syn.generate_split(10, syn.SIMPLE_SPLIT, seed=args.seed,
+                                                           config=_simple_config())]
+    epoch0 = [source.row_index(i) for i in range(34)]
+    assert sorted(epoch0[:10]) == list(range(10)) and sorted(epoch0[10:]) == list(range(10, 34))
+    assert [source.read_row(j)["texts"] for j in sorted(epoch0[:10])] == simple_texts
+    assert all(source.read_row(j)["texts"] not in simple_texts for j in epoch0[10:])
+    source.set_epoch(1)  # later epochs mix both
+    epoch1 = [source.row_index(i) for i in range(34)]
+    assert sorted(epoch1) == list(range(34)) and set(epoch1[:10]) != set(range(10))
+    # the first packs of a run hold only curriculum samples: single-object colour/count/position questions
+    train.source.set_epoch(0)
+    first_pack = next(iter(train))["samples"]
+    decoded = [processor.tokenizer.decode(s["input_ids"]) for s in first_pack]
+    questions = {t["user"] for texts in simple_texts for t in texts}
+    assert decoded and all(any(q in text for q in questions) for text in decoded)
+
+
+def _simple_config():
+    return syn.SyntheticConfig(
+        image_size=32, multi_turn_fraction=0.3, max_turns=3, max_shapes=1, type_weights=syn.SIMPLE_TYPE_WEIGHTS
+    )
+
+
+def test_missing_curriculum_split_names_the_splits(tmp_path):
+    _, processor, data_args, args, rows, eval_rows = setup_run(tmp_path, "--curriculum_split", "warmup")
+    with pytest.raises(ValueError, match=r"has no split 'warmup'; its splits are \['train', 'validation'\]"):
+        build_datasets(data_args, args, processor, rows, eval_rows)
+
+
+def test_sincos_grid_values_and_model_init(tmp_path):
+    grid = sincos_position_grid(4, 8)
+    assert grid.shape == (16, 8)
+    # token (row 1, col 2): columns in the first half, rows in the second; frequencies 1 and 1/10 (temperature 100)
+    col, row = 2.0, 1.0
+    expected = [math.sin(col), math.sin(col / 10), math.cos(col), math.cos(col / 10),
+                math.sin(row), math.sin(row / 10), math.cos(row), math.cos(row / 10)]
+    assert torch.allclose(grid[1 * 4 + 2], torch.tensor(expected), atol=1e-6)
+    assert torch.allclose(grid.norm(dim=1), torch.full((16,), 2.0))
+    with pytest.raises(ValueError, match=r"dim a positive multiple of 4, got side=4, dim=6"):
+        sincos_position_grid(4, 6)
+
+    model, *_ = setup_run(tmp_path, "--vision_sincos_position_scale", "2.0")
+    table = model.model.vision_tower.embeddings.position_embedding.weight
+    assert table.requires_grad
+    assert torch.allclose(table, 2.0 * sincos_position_grid(4, 32))
+    plain, *_ = setup_run(tmp_path / "plain")
+    assert not torch.allclose(plain.model.vision_tower.embeddings.position_embedding.weight, table)
+    plain.model.vision_tower.embeddings.position_embedding = torch.nn.Embedding(15, 32)
+    with pytest.raises(ValueError, match=r"needs a square patch grid, got 15 positions"):
+        init_vision_positions_sincos(plain, 1.0)
