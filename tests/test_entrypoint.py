@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = [
     "--synthetic_num_train", "240", "--synthetic_num_validation", "16", "--synthetic_num_test", "24",
+    "--synthetic_num_train_simple", "40",
     "--eval_interval", "3", "--logging_steps", "1", "--dataloader_num_workers", "0",
     "--per_device_eval_batch_size", "8",
 ]
@@ -32,6 +34,7 @@ def test_shortened_demo_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     # the accuracy table is printed beside the blind guess
     assert "Held-out accuracy on 24 synthetic test samples" in proc.stdout
+    assert "Curriculum: the first epoch reads 40 train_simple rows before the 240 train rows" in proc.stderr
     results = json.loads((out / "results.json").read_text())
     accuracy, blind = results["test_accuracy"], results["blind_guess_accuracy"]
     assert set(accuracy) == set(blind) and "overall" in accuracy
@@ -43,6 +46,11 @@ def test_shortened_demo_run(tmp_path):
     final = out / "final"
     for name in ("model.safetensors", "modeling_nanovlm.py", "processor_config.json", "tokenizer.json"):
         assert (final / name).is_file(), name
+    # the demo's own pixel statistics travel with the checkpoint's processor
+    demo = yaml.safe_load((ROOT / "configs/train/demo.yaml").read_text())
+    saved = json.loads((final / "processor_config.json").read_text())
+    saved = saved.get("image_processor", saved)
+    assert (saved["image_mean"], saved["image_std"]) == (demo["image_mean"], demo["image_std"])
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["best_model_checkpoint"] is not None and state["global_step"] == 6
     evals = [e for e in state["log_history"] if "eval_loss" in e]
