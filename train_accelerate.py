@@ -95,7 +95,10 @@ def report_synthetic_accuracy(model, processor, data_args, training_args) -> dic
 
     splits = datasets.load_from_disk(data_args.dataset_name_or_path)
     test = splits["test"]
-    blind = blind_guess_accuracy(splits, split="test")
+    # The blind guess answers each question type's majority answer among every row the model trained on.
+    seen = [data_args.train_split] + ([data_args.curriculum_split] if data_args.curriculum_split else [])
+    reference = datasets.concatenate_datasets([splits[name].select_columns(["texts", "question_type"]) for name in seen])
+    blind = blind_guess_accuracy(test, reference)
     try:
         accuracy = evaluate_synthetic(
             model, processor, data_args.dataset_name_or_path, split="test",

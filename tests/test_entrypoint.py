@@ -38,6 +38,16 @@ def test_shortened_demo_run(tmp_path):
     results = json.loads((out / "results.json").read_text())
     accuracy, blind = results["test_accuracy"], results["blind_guess_accuracy"]
     assert set(accuracy) == set(blind) and "overall" in accuracy
+    # the blind guess takes its majority answers from every split trained on: train and the curriculum split
+    import datasets
+
+    from nanovlm.data.synthetic import blind_guess_accuracy
+
+    splits = datasets.load_from_disk(str(data))
+    seen = datasets.concatenate_datasets(
+        [splits[name].select_columns(["texts", "question_type"]) for name in ("train", "train_simple")]
+    )
+    assert blind == pytest.approx(blind_guess_accuracy(splits["test"], seen))
     assert all(0.0 <= v <= 1.0 for v in accuracy.values())
     # plots are real PNGs
     for name in ("loss.png", "learning_rate.png"):

@@ -465,3 +465,21 @@ def test_cli_builds_and_reports_blind_guess(tmp_path, capsys) -> None:
     assert exit_info.value.code == 0
     with pytest.raises(SystemExit):
         syn.main(["--output_dir", str(out), "--image_size", "big"])
+
+
+def test_demo_pixel_statistics_match_the_synthetic_images() -> None:
+    """configs/train/demo.yaml normalizes with the training images' own per-channel mean and std."""
+    from pathlib import Path
+
+    import numpy as np
+    import yaml
+
+    demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/train/demo.yaml").read_text())
+    config = syn.SyntheticConfig(image_size=demo["synthetic_image_size"])
+    pixels = np.concatenate([
+        np.asarray(image, dtype=np.float64).reshape(-1, 3) / 255
+        for i in range(300)
+        for image in syn.generate_sample(i, "train", demo["seed"], config)["images"]
+    ])
+    assert np.allclose(pixels.mean(0), demo["image_mean"], atol=0.01)
+    assert np.allclose(pixels.std(0), demo["image_std"], atol=0.01)
