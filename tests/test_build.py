@@ -99,3 +99,27 @@ def test_sincos_grid_values_and_model_init(tmp_path):
     plain.model.vision_tower.embeddings.position_embedding = torch.nn.Embedding(15, 32)
     with pytest.raises(ValueError, match=r"needs a square patch grid, got 15 positions"):
         init_vision_positions_sincos(plain, 1.0)
+
+
+def test_existing_synthetic_dataset_built_with_other_settings_is_an_error(tmp_path):
+    setup_run(tmp_path)  # builds 24/4/0 rows at 32 px
+    model_args, data_args, args = parse_args([
+        "--output_dir", str(tmp_path / "run"), "--dataset_name_or_path", str(tmp_path / "data"),
+        "--synthetic_dataset", "true", "--synthetic_num_train", "30", "--synthetic_num_validation", "4",
+        "--synthetic_num_test", "0", "--synthetic_image_size", "32", "--synthetic_num_train_simple", "5", *MODEL,
+    ])
+    message = (
+        r"The synthetic dataset in .*data was built with other settings \(--synthetic_num_train: requested 30, built "
+        r"24; --synthetic_num_train_simple: requested 5, built 0\)\. Delete the folder to rebuild it"
+    )
+    with pytest.raises(ValueError, match=message):
+        prepare_synthetic_dataset(data_args, args)
+    # the same settings reuse the folder as it is
+    _, same_data, same_args = parse_args([
+        "--output_dir", str(tmp_path / "run"), "--dataset_name_or_path", str(tmp_path / "data"),
+        "--synthetic_dataset", "true", "--synthetic_num_train", "24", "--synthetic_num_validation", "4",
+        "--synthetic_num_test", "0", "--synthetic_image_size", "32", *MODEL,
+    ])
+    before = (tmp_path / "data" / "synthetic_config.json").stat().st_mtime_ns
+    prepare_synthetic_dataset(same_data, same_args)
+    assert (tmp_path / "data" / "synthetic_config.json").stat().st_mtime_ns == before

@@ -5,6 +5,7 @@ Kept out of `train_accelerate.py` so each piece is importable and tested on its 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -28,10 +29,60 @@ from ..tokenizer import extend_tokenizer, train_tokenizer
 logger = logging.getLogger(__name__)
 
 
+# synthetic_config.json key -> the flag that sets it
+_SYNTHETIC_FLAGS = {
+    "seed": "seed",
+    "train": "synthetic_num_train",
+    "validation": "synthetic_num_validation",
+    "test": "synthetic_num_test",
+    "train_simple": "synthetic_num_train_simple",
+    "image_size": "synthetic_image_size",
+    "train_multi_turn_fraction": "synthetic_train_multi_turn_fraction",
+    "train_max_turns": "synthetic_train_max_turns",
+}
+
+
+def _synthetic_request(data_args, training_args) -> dict:
+    """The settings `prepare_synthetic_dataset` builds with, keyed as `synthetic_config.json` records them."""
+    return {
+        "seed": training_args.seed,
+        "train": data_args.synthetic_num_train,
+        "validation": data_args.synthetic_num_validation,
+        "test": data_args.synthetic_num_test,
+        "train_simple": data_args.synthetic_num_train_simple,
+        "image_size": [data_args.synthetic_image_size] * 2,
+        "train_multi_turn_fraction": data_args.synthetic_train_multi_turn_fraction,
+        "train_max_turns": data_args.synthetic_train_max_turns,
+    }
+
+
+def _check_existing_synthetic(path: Path, data_args, training_args) -> None:
+    """An existing synthetic dataset built with other settings is an error, not silently reused."""
+    record_file = path / "synthetic_config.json"
+    if not record_file.is_file():  # not built by us: use it as given
+        return
+    record = json.loads(record_file.read_text())
+    record.setdefault("train_simple", 0)  # written before the curriculum split existed
+    differences = [
+        f"--{_SYNTHETIC_FLAGS[key]}: requested {value!r}, built {record.get(key)!r}"
+        for key, value in _synthetic_request(data_args, training_args).items()
+        if record.get(key) != value
+    ]
+    if differences:
+        raise ValueError(
+            f"The synthetic dataset in {path} was built with other settings ({'; '.join(differences)}). Delete the "
+            "folder to rebuild it, or point --dataset_name_or_path at a new folder."
+        )
+
+
 def prepare_synthetic_dataset(data_args, training_args) -> None:
-    """Build the synthetic dataset at `dataset_name_or_path` if asked and not there yet (main process first)."""
+    """Build the synthetic dataset at `dataset_name_or_path` if asked and not there yet (main process first); an
+    existing one must have been built with the requested settings."""
     path = Path(data_args.dataset_name_or_path)
-    if not data_args.synthetic_dataset or path.exists():
+    if not data_args.synthetic_dataset:
+        return
+    if path.exists():
+        _check_existing_synthetic(path, data_args, training_args)
         return
     from ..data.synthetic import build_synthetic_dataset
 
