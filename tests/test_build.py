@@ -49,8 +49,10 @@ def test_curriculum_rows_are_read_first_in_the_first_epoch_only(tmp_path):
     train, _, _ = build_datasets(data_args, args, processor, rows, eval_rows)
     source = train.source
     assert len(source) == 34 and source.first == 10
-    simple_texts = [r["texts"] for r in syn.generate_split(10, syn.SIMPLE_SPLIT, seed=args.seed,
-                                                           config=_simple_config())]
+    train_config = syn.SyntheticConfig(image_size=32, multi_turn_fraction=0.3, max_turns=3)  # the run's settings
+    simple_texts = [
+        r["texts"] for r in syn.generate_split(10, syn.SIMPLE_SPLIT, seed=args.seed, config=syn.simple_config(train_config))
+    ]
     epoch0 = [source.row_index(i) for i in range(34)]
     assert sorted(epoch0[:10]) == list(range(10)) and sorted(epoch0[10:]) == list(range(10, 34))
     assert [source.read_row(j)["texts"] for j in sorted(epoch0[:10])] == simple_texts
@@ -64,12 +66,6 @@ def test_curriculum_rows_are_read_first_in_the_first_epoch_only(tmp_path):
     decoded = [processor.tokenizer.decode(s["input_ids"]) for s in first_pack]
     questions = {t["user"] for texts in simple_texts for t in texts}
     assert decoded and all(any(q in text for q in questions) for text in decoded)
-
-
-def _simple_config():
-    return syn.SyntheticConfig(
-        image_size=32, multi_turn_fraction=0.3, max_turns=3, max_shapes=1, type_weights=syn.SIMPLE_TYPE_WEIGHTS
-    )
 
 
 def test_missing_curriculum_split_names_the_splits(tmp_path):

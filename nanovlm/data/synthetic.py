@@ -716,6 +716,12 @@ def generate_split(
     return datasets.Dataset.from_dict(columns, features=features, split=datasets.NamedSplit(split))
 
 
+def simple_config(train_config: SyntheticConfig) -> SyntheticConfig:
+    """The `train_simple` split's config: the train split's settings with one shape per image and colour, count
+    and position questions in equal shares."""
+    return replace(train_config, max_shapes=1, type_weights=SIMPLE_TYPE_WEIGHTS)
+
+
 def build_synthetic_dataset(
     output_dir: str | Path | None,
     num_train: int,
@@ -791,7 +797,7 @@ def build_synthetic_dataset(
         "train": train_config,
         "validation": eval_config,
         "test": eval_config,
-        SIMPLE_SPLIT: replace(train_config, max_shapes=1, type_weights=SIMPLE_TYPE_WEIGHTS),
+        SIMPLE_SPLIT: simple_config(train_config),
     }
     splits = {}
     for split, n in counts.items():
@@ -1101,6 +1107,7 @@ __all__ = [
     "render_scene",
     "sample_rng",
     "side_of",
+    "simple_config",
     "synthetic_features",
 ]
 
