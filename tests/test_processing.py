@@ -215,6 +215,21 @@ def test_trained_tokenizer_special_tokens_survive_reload(tiny_tokenizer, tmp_pat
     assert reloaded.eos_token == "<|im_end|>" and reloaded.pad_token == "<|endoftext|>"
 
 
+def test_trained_tokenizer_spells_the_chat_roles_in_one_token_each():
+    # The role names are not in the texts; the template writes them before every turn.
+    texts = ["How many shapes are there?", "2", "What color is the circle?", "red"] * 50
+    tokenizer = train_tokenizer(texts, vocab_size=300, max_grid=1)
+    assert tokenizer.tokenize("user") == ["user"] and tokenizer.tokenize("assistant") == ["assistant"]
+    turn = [{"role": "user", "content": "What color is the circle?"}, {"role": "assistant", "content": "red"}]
+    tokens = tokenizer.convert_ids_to_tokens(
+        tokenizer.apply_chat_template(turn, tokenize=True, return_dict=True)["input_ids"]
+    )
+    # Per message: <|im_start|> role \n text <|im_end|> \n, i.e. 5 tokens around its text.
+    texts_tokens = tokenizer.tokenize(turn[0]["content"]) + tokenizer.tokenize(turn[1]["content"])
+    assert len(tokens) == len(texts_tokens) + 2 * 5
+    assert tokens[:3] == ["<|im_start|>", "user", "Ċ"] and tokens[-6:-3] == ["<|im_start|>", "assistant", "Ċ"]
+
+
 def test_extend_pretrained_tokenizer(tmp_path):
     # A plain byte-level BPE "pretrained" tokenizer without any image tokens, saved locally.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
