@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 NAMED_IMAGE_TOKENS = {"image_token": IMAGE_TOKEN, "global_image_token": GLOBAL_IMAGE_TOKEN}
 CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # The role names the chat template writes after every `<|im_start|>`. They are not in the dataset's texts, so a BPE
-# trained on those alone spells "assistant" in 7 pieces and "user" in 3: 8 tokens of every turn's ~20 went to them.
+# trained on those alone spelled "assistant" in 7 pieces and "user" in 3, 8 extra tokens per turn (a demo training
+# row went from 89.6 to 71.6 tokens when they became one token each).
 CHAT_ROLES = ("user", "assistant")
 
 
@@ -77,8 +78,8 @@ def train_tokenizer(
 
     Used by the embedded demo and the tests, since no pretrained tokenizer can be downloaded there. `vocab_size`
     counts the BPE vocabulary only; special tokens come on top. Byte-level means any text can be encoded. The chat
-    template's role headers ("user\n", "assistant\n") are trained on beside every text, as often as the template
-    writes them, so each role name is a single token (given a vocabulary of a few hundred merges).
+    template's role headers ("user\n", "assistant\n") are trained on once beside every text, so each role name is
+    among the most frequent words and becomes a single token (given a vocabulary of a few hundred merges).
     """
     if vocab_size < 256 + len(CHATML_TOKENS):
         raise ValueError(f"vocab_size must be at least {256 + len(CHATML_TOKENS)} (all bytes + ChatML), got {vocab_size}.")
