@@ -217,10 +217,13 @@ class SampleBuilder:
         if images:
             messages = attach_images(messages, [self._decode(image, k) for k, image in enumerate(images)])
 
+        # Python lists, not return_tensors="pt": transformers builds the assistant mask by looping over the offset
+        # mapping in Python, which on tensors (one small tensor per element) made this call 2.8x slower, about a
+        # third of all preprocessing time in the demo. Pixel values come back as a tensor either way.
         out = self.processor.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
-        input_ids = out["input_ids"][0].long()  # (T,)
+        input_ids = torch.tensor(out["input_ids"][0], dtype=torch.long)  # (T,)
         if self.max_sample_length is not None and input_ids.numel() > self.max_sample_length:
             raise SkipSample("too_long", f"{input_ids.numel()} tokens > max_sample_length={self.max_sample_length}")
         mask = torch.as_tensor(out["assistant_masks"])[0].bool()  # (T,)
@@ -229,7 +232,7 @@ class SampleBuilder:
         labels = input_ids.masked_fill(~mask, IGNORE_INDEX)  # (T,)
         pixel_values = out.get("pixel_values") if images else None
         if pixel_values is not None:
-            pixel_values = pixel_values.float().contiguous()  # (n_tiles, 3, S, S)
+            pixel_values = torch.as_tensor(pixel_values).float().contiguous()  # (n_tiles, 3, S, S)
         return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "n_images": len(images)}
 
     def _decode(self, image: Any, k: int):
