@@ -13,7 +13,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from nanovlm.data.conversations import RatingThresholds, filter_turns, row_to_messages
+from nanovlm.data.conversations import RatingThresholds, attach_images, filter_turns, row_to_messages
 from nanovlm.data.packing import PackedDataset
 from nanovlm.data.samples import IGNORE_INDEX, SKIP_REASONS, SampleBuilder, SampleDataset, SampleStream, SkipCounter
 
@@ -118,6 +118,23 @@ def test_labels_are_the_assistant_replies_with_im_end(builder, tiny_processor):
     image_id = tiny_processor.image_token_id
     assert int((ids == image_id).sum()) == 8 * tiny_processor.image_seq_len
     assert not labels[ids == image_id].ne(IGNORE_INDEX).any()
+
+
+def test_sample_matches_the_processors_own_tensor_output(builder, tiny_processor):
+    # The builder asks apply_chat_template for lists (much faster, see SampleBuilder._build); what it returns must
+    # be exactly what the tensor path gives: ids, assistant mask and pixels, also across image-token expansion.
+    images = [Image.new("RGB", (70, 40), RED), Image.new("RGB", (20, 20), BLUE)]
+    row = _row(("What color is the circle?", "red"), ("And now?", "two shapes"), images=images)
+    sample, _ = builder.build(row)
+    messages, _ = row_to_messages(row, image_token=builder.image_token, reserved_tokens=builder.reserved_tokens)
+    messages = attach_images(messages, images)
+    reference = tiny_processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    assert torch.equal(sample["input_ids"], reference["input_ids"][0])
+    mask = torch.as_tensor(reference["assistant_masks"])[0].bool()
+    assert torch.equal(sample["labels"] != IGNORE_INDEX, mask)
+    assert torch.equal(sample["pixel_values"], reference["pixel_values"].float())
 
 
 def test_text_only_sample_has_no_pixel_values(builder):
