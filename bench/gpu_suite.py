@@ -494,11 +494,13 @@ def machine() -> dict[str, Any]:
             "cuda": torch.cuda.is_available(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-    for name in ("accelerate", "datasets", "liger_kernel", "triton"):
+    from importlib import metadata
+
+    for name in ("accelerate", "datasets", "liger-kernel", "triton"):
         try:
-            info[name] = __import__(name).__version__
-        except Exception as err:
-            info[name] = f"not available ({type(err).__name__})"
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            info[name] = "not installed"
     return info
 
 
