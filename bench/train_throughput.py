@@ -39,6 +39,7 @@ other figure to read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import math
@@ -131,6 +132,13 @@ class TimedTrainer(NanoVLMTrainer):
         return loss
 
 
+def checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
+    """The training argument that turns activation checkpointing on: `activation_checkpointing` from transformers
+    5.23, `gradient_checkpointing` before (the GPU machines' image has 5.17)."""
+    names = {f.name for f in dataclasses.fields(NanoVLMTrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
 def build_run(args: argparse.Namespace, shape: str, output_dir: str) -> dict[str, Any]:
     """Tokenizer, model, processor, packed dataset, collator and TimedTrainer for one shape (nothing run yet)."""
     spec = get_shape(shape)
@@ -172,8 +180,8 @@ def build_run(args: argparse.Namespace, shape: str, output_dir: str) -> dict[str
         gradient_accumulation_steps=1, lr_mp=lr_mp, lr_vision_backbone=lr_vision, lr_language_backbone=lr_language,
         logging_steps=max(args.steps, 1), eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
         report_to="none", dataloader_num_workers=num_workers, use_cpu=device.type == "cpu", bf16=args.bf16,
-        activation_checkpointing=args.gradient_checkpointing, torch_compile=args.compile, seed=args.seed,
-        data_seed=args.seed, disable_tqdm=True,
+        torch_compile=args.compile, seed=args.seed, data_seed=args.seed, disable_tqdm=True,
+        **checkpointing_kwargs(args.gradient_checkpointing),
     )
     trainer = TimedTrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collator, processing_class=processor

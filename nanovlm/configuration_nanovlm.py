@@ -7,7 +7,12 @@ The defaults mirror the original nanoVLM (SigLIP2-B/16-512 + SmolLM2-360M-Instru
 from __future__ import annotations
 
 from transformers import AutoConfig
-from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.configuration_utils import PreTrainedConfig
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers < 5.23 (the GPU machines' image has 5.17): only the older `sub_configs` map exists
+    SubConfigSpec = None
 
 # google/siglip2-base-patch16-512 (vision part).
 SIGLIP2_B16_512 = {
@@ -66,12 +71,14 @@ class NanoVLMConfig(PreTrainedConfig):
     """
 
     model_type = "nanovlm"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(
-            config_class=AutoConfig, model_type="siglip_vision_model", init_kwargs=SIGLIP2_B16_512
-        ),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", init_kwargs=SMOLLM2_360M),
-    }
+    _SUB_DEFAULTS = {"vision_config": ("siglip_vision_model", SIGLIP2_B16_512), "text_config": ("llama", SMOLLM2_360M)}
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            key: SubConfigSpec(config_class=AutoConfig, model_type=model_type_, init_kwargs=kwargs_)
+            for key, (model_type_, kwargs_) in _SUB_DEFAULTS.items()
+        }
+    else:
+        sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -84,6 +91,13 @@ class NanoVLMConfig(PreTrainedConfig):
             value = getattr(self, key)
             if value is not None and not isinstance(value, (dict, PreTrainedConfig)):
                 raise TypeError(f"`{key}` must be None, a dict or a PreTrainedConfig, got {type(value).__name__}.")
+            if SubConfigSpec is None and not isinstance(value, PreTrainedConfig):
+                # what transformers >= 5.23 does from `sub_configs_defaults` inside its own __post_init__
+                from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+                default_type, default_kwargs = self._SUB_DEFAULTS[key]
+                value = dict(default_kwargs) if value is None else dict(value)
+                setattr(self, key, CONFIG_MAPPING[value.get("model_type", default_type)](**value))
         super().__post_init__(**kwargs)
         if self.vision_config.model_type not in SUPPORTED_VISION_MODEL_TYPES:
             raise TypeError(

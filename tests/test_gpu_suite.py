@@ -1,0 +1,56 @@
+"""bench/gpu_suite.py --smoke on CPU: one JSON per item, correctness values, a failing item does not stop the rest."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ITEMS = ["train_sdpa_b2", "train_unisolated_b2", "train_flex_b2", "packed_equivalence", "generation_cache", "fsdp_step"]
+
+
+def test_gpu_suite_smoke_records_every_item_and_survives_a_failure(tmp_path):
+    out, copy = tmp_path / "suite", tmp_path / "device_out"
+    cmd = [sys.executable, str(ROOT / "bench/gpu_suite.py"), "--smoke", "--out", str(out), "--copy_to", str(copy),
+           "--items", ",".join(ITEMS), "--inject_failure", "train_sdpa_b2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "items").glob("*.json")}
+    assert sorted(records) == sorted(ITEMS)
+    for record in records.values():
+        assert {"item", "kind", "params", "status", "wall_s", "budget_s"} <= set(record) or record["status"] == "skipped"
+
+    # the injected failure is recorded with its error, and the items after it still ran
+    failed = records["train_sdpa_b2"]
+    assert failed["status"] == "failed" and "injected failure in train_sdpa_b2" in failed["error"]
+    for name in ("train_flex_b2", "fsdp_step"):  # CUDA-only
+        assert records[name]["status"] == "skipped" and records[name]["reason"] == "skipped: no CUDA"
+
+    train = records["train_unisolated_b2"]
+    assert train["status"] == "ok", train.get("error")
+    r = train["result"]
+    assert {"tokens_per_s", "real_tokens_per_s", "mfu", "data_wait_fraction", "compute_fraction", "time_split",
+            "loss_first", "params"} <= set(r)
+    assert r["measured_steps"] == 3 and r["losses_finite"] and 0 < r["real_tokens_per_s"] <= r["tokens_per_s"]
+    assert r["variant"] == {"unisolated": True} and r["mfu"] is None  # no GPU peak on CPU
+
+    packed = records["packed_equivalence"]["result"]
+    assert packed["tolerance_mean_loss_abs"] == 1e-4 and packed["all_equal"] is True
+    for impl in ("sdpa", "eager"):
+        v = packed["variants"][impl]
+        assert v["samples"] >= 2 and v["max_abs_diff_mean_loss"] <= 1e-4
+        assert v["control_unisolated_max_abs_diff"] > 10 * max(v["max_abs_diff_mean_loss"], 1e-6)  # the check has power
+
+    cache = records["generation_cache"]["result"]
+    assert cache["equal"] is True and cache["first_mismatch"] is None and cache["new_tokens"] == 16
+
+    # results.json holds every item in suite order, and it and the log were copied for the device's $OUT
+    results = json.loads((copy / "results.json").read_text())
+    assert [i["item"] for i in results["items"]] == ITEMS and results["smoke"] is True
+    log = (copy / "log.txt").read_text()
+    assert "===== packed_equivalence" in log and "injected failure" in log
+    assert "train_unisolated_b2" in proc.stdout.split("summary")[-1]  # the closing table
