@@ -12,8 +12,9 @@ Non-standard parts:
 - image features replace the embeddings of the image tokens; the count check names both counts;
 - for packed rows (several samples per row, `position_ids` restarting at 0, no attention mask) the text model must
   run without a KV cache, otherwise the packed-sequence mask is silently dropped and samples attend to each other:
-  `use_cache` is forced off when training or when labels are given.
-
+  `use_cache` is forced off when training or when labels are given;
+- the text embedding has no padding row (transformers would never train the pad token's input embedding, and
+  the pad token is `<|im_end|>` with SmolLM2's tokenizer);
 - `push_to_hub` uploads a model card built from the model (parameter counts, backbones, training, evaluation, usage;
   see model_card_nanovlm.py) instead of transformers' generic one, and `save_pretrained` carries the model's
   `training_info.json` along.
@@ -102,6 +103,28 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False  # the image-token scatter has a data-dependent count check
 
 
+def _text_model_without_padding_row(text_config) -> PreTrainedModel:
+    """The text backbone with no padding row in its embedding, as in the original nanoVLM.
+
+    transformers builds the text embedding as `nn.Embedding(..., padding_idx=text_config.pad_token_id)`: that row
+    gets no gradient from its lookups and is zeroed at random init. The pad token is `<|im_end|>` with SmolLM2's
+    tokenizer (and the original's), the token that ends every turn, so its input embedding would never train.
+    Padding needs no such row: padded positions are never in the loss and no real token attends to them. The pad
+    id is hidden only while the backbone is built (which is when the embedding reads it; the same object stays
+    `text_config`, so later settings such as the attention implementation still reach it), and it is hidden on
+    every construction, so checkpoints whose config names a pad id load the same way. `resize_token_embeddings`
+    copies `padding_idx`, so it stays None. Generation, the collator and the tokenizer still read the pad id.
+    """
+    pad_token_id = getattr(text_config, "pad_token_id", None)
+    if pad_token_id is None:
+        return AutoModel.from_config(text_config)
+    text_config.pad_token_id = None
+    try:
+        return AutoModel.from_config(text_config)
+    finally:
+        text_config.pad_token_id = pad_token_id
+
+
 class NanoVLMModel(NanoVLMPreTrainedModel):
     """Vision tower + projector + text backbone, without the LM head."""
 
@@ -109,7 +132,7 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = NanoVLMMultiModalProjector(config)
-        self.language_model = AutoModel.from_config(config.text_config)
+        self.language_model = _text_model_without_padding_row(config.text_config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

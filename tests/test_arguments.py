@@ -366,6 +366,18 @@ def test_data_arguments_validation(kwargs, message):
         ({"lr_scheduler_kwargs": {"num_cycles": 2}}, r"--lr_scheduler_kwargs must be left unset"),
         ({"lora_dropout": 1}, r"--lora_dropout must be a number in \[0, 1\): got 1"),
         ({"use_lora": True, "lora_target_modules": []}, r"--lora_target_modules must name at least one module"),
+        (
+            {"weight_decay_exempt_biases_norms_embeddings": False},
+            r"--weight_decay_exempt_biases_norms_embeddings false has no effect with --weight_decay 0",
+        ),
+        (
+            {"weight_decay_exempt_biases_norms_embeddings": "no"},
+            r"--weight_decay_exempt_biases_norms_embeddings must be true or false: got 'no'",
+        ),
+        (
+            {"loss_normalization": "mean"},
+            r"--loss_normalization must be one of \['global_tokens', 'micro_batch_mean'\]: got 'mean'",
+        ),
     ],
 )
 def test_training_arguments_validation(tmp_path, kwargs, message):
@@ -427,6 +439,9 @@ def test_every_config_yaml_loads(path, tmp_path):
             argv += ["--bf16", "false", "--fp16", "false"]
         model_args, data_args, args = parse_args(argv)
         assert args.output_dir == str(tmp_path / "out")
+        if relative.name == "nanovlm_460m.yaml":  # the original's optimizer: AdamW, decay 0.01 on every parameter
+            assert (args.weight_decay, args.weight_decay_exempt_biases_norms_embeddings) == (0.01, False)
+            assert (args.max_grad_norm, args.warmup_fraction, args.min_lr_ratio) == (1.0, 0.03, 0.1)
     else:
         data = yaml.safe_load(path.read_text())
         assert isinstance(data, dict), f"{relative} is not a mapping"

@@ -130,3 +130,19 @@ def test_preprocess_reports_images_and_samples(tmp_path):
     rows = {(r["setting"], r["rows"]) for r in report["samples"]}
     assert rows == {("demo", "finevision-like"), ("demo", "synthetic"), ("460m", "finevision-like")}
     assert all(r["samples_per_s"] > 0 and r["tokens_per_sample"] > 0 and r["skipped"] == 0 for r in report["samples"])
+
+
+def test_original_differences_compares_every_run_with_the_original(tmp_path):
+    script = load_script("original_differences")
+    report = script.main(["--steps", "3", "--warmup_fraction", "0.34", "--rows", "48", "--out", str(tmp_path / "d.json")])
+    assert read(tmp_path / "d.json")["comparisons"] == report["comparisons"]
+    runs = report["runs"]
+    assert set(runs) == {"original", "global_tokens", "exempt", "nanovlm"}
+    assert all(len(r["step_loss"]) == len(r["grad_norm"]) == 3 and len(r["label_tokens"]) == 6 for r in runs.values())
+    # the first step's loss comes before any update: it differs only by the loss normalisation
+    assert runs["exempt"]["step_loss"][0] == runs["original"]["step_loss"][0]
+    original = runs["original"]
+    counts, losses = original["label_tokens"][:2], [r["step_loss"][0] for r in (runs["original"], runs["global_tokens"])]
+    assert (counts[0] == counts[1]) == (abs(losses[0] - losses[1]) < 1e-6)
+    assert original["last_micro_batch_vs_step_mean"] >= 0
+    assert {row["run"] for row in report["comparisons"]} == {"global_tokens", "exempt", "nanovlm"}

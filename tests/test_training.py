@@ -107,6 +107,18 @@ def test_no_weight_decay_on_biases_norms_embeddings(rows, tmp_path):
             assert group["weight_decay"] == (0.0 if no_decay else 0.1), n
 
 
+def test_weight_decay_on_every_parameter_as_the_original(rows, tmp_path):
+    model, processor = tiny_setup()
+    args = training_args(tmp_path, weight_decay=0.01, weight_decay_exempt_biases_norms_embeddings=False)
+    trainer = make_trainer(model, processor, args, packed_dataset(rows, processor))
+    trainer.create_optimizer()
+    assert {g["name"]: g["weight_decay"] for g in trainer.optimizer.param_groups} == {
+        "projector": 0.01, "vision": 0.01, "language": 0.01
+    }
+    in_groups = sorted(id(p) for g in trainer.optimizer.param_groups for p in g["params"])
+    assert in_groups == sorted({id(p) for p in model.parameters()})  # every parameter once (tied weights once)
+
+
 @pytest.mark.parametrize(("batch", "accum"), [(2, 2), (1, 4)])
 def test_loss_and_grads_equal_across_accumulation(rows, tmp_path, batch, accum):
     results = {}

@@ -27,6 +27,7 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy, Scheduler
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATIONS = ["eager", "sdpa", "flash_attention_2", "flex_attention"]
+LOSS_NORMALIZATIONS = ["global_tokens", "micro_batch_mean"]
 RATING_FIELDS = (
     "min_relevance_rating",
     "min_image_correspondence_rating",
@@ -548,6 +549,10 @@ class NanoVLMTrainingArguments(TrainingArguments):
       `lr_scheduler_kwargs={"min_lr_rate": min_lr_ratio}`, `warmup_steps=warmup_fraction` (in transformers 5,
       `warmup_steps` < 1 is a ratio). Another scheduler, extra scheduler kwargs or a warmup of >= 1 steps are errors
       naming the nanoVLM knob; another ratio or `min_lr_rate` is overwritten with a warning.
+    - `weight_decay_exempt_biases_norms_embeddings`: True (the default) keeps `weight_decay` off biases, norms and
+      embeddings; False decays every parameter, as the original nanoVLM's AdamW (torch's default 0.01) does.
+    - `loss_normalization`: "global_tokens" (the default) divides the summed token losses by the label tokens of
+      the whole optimizer step; "micro_batch_mean" is the original's mean per micro-batch / accumulation steps.
     - `eval_interval`: steps between evaluations; sets `eval_steps`, and `save_steps` to the same value, when those
       are not given.
     - `eval_max_batches`, `lmms_eval_tasks`, `lmms_eval_interval`, `max_consecutive_nonfinite_losses`, `compile`
@@ -597,6 +602,23 @@ class NanoVLMTrainingArguments(TrainingArguments):
     min_lr_ratio: float = field(
         default=0.1,
         metadata={"help": "The cosine decays to this fraction of each group's learning rate (nanoVLM: 0.1)."},
+    )
+    weight_decay_exempt_biases_norms_embeddings: bool = field(
+        default=True,
+        metadata={
+            "help": "Apply --weight_decay to weight matrices only, not to biases, norms and embeddings (common "
+            "practice). false decays every parameter, as the original nanoVLM's AdamW does."
+        },
+    )
+    loss_normalization: str = field(
+        default="global_tokens",
+        metadata={
+            "help": "global_tokens: the loss summed over label tokens / the label tokens of the whole optimizer step "
+            "(all micro-batches and processes), so every token weighs the same. micro_batch_mean: each "
+            "micro-batch's mean / accumulation steps, averaged over processes, as the original nanoVLM does (a "
+            "token of a short micro-batch weighs more).",
+            "choices": LOSS_NORMALIZATIONS,
+        },
     )
     # ---- evaluation and robustness
     eval_interval: int = field(
@@ -738,6 +760,15 @@ class NanoVLMTrainingArguments(TrainingArguments):
             )
         _check_range(errors, "warmup_fraction", self.warmup_fraction, 0, 1, high_inclusive=False)
         _check_range(errors, "min_lr_ratio", self.min_lr_ratio, 0, 1)
+        exempt = self.weight_decay_exempt_biases_norms_embeddings
+        _check_bool(errors, "weight_decay_exempt_biases_norms_embeddings", exempt)
+        if exempt is False and self.weight_decay == 0:
+            errors.append(
+                "--weight_decay_exempt_biases_norms_embeddings false has no effect with --weight_decay 0: got "
+                "--weight_decay 0; set --weight_decay (the original nanoVLM: 0.01) or drop the flag"
+            )
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            errors.append(f"--loss_normalization must be one of {LOSS_NORMALIZATIONS}: got {self.loss_normalization!r}")
         errors += self._check_schedule_mirrors()
         _check_int(errors, "eval_interval", self.eval_interval, 1)
         _check_int(errors, "eval_max_batches", self.eval_max_batches, 1, optional=True)

@@ -47,9 +47,16 @@ def apply_freezing(model: nn.Module, lrs: dict[str, float]) -> dict[str, str]:
 
 
 def build_param_groups(
-    named_parameters: Iterable[tuple[str, nn.Parameter]], lrs: dict[str, float], weight_decay: float
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    lrs: dict[str, float],
+    weight_decay: float,
+    exempt_biases_norms_embeddings: bool = True,
 ) -> list[dict]:
-    """AdamW groups per (part, decay/no-decay) with each part's LR; frozen params and empty groups are left out."""
+    """AdamW groups per (part, decay/no-decay) with each part's LR; frozen params and empty groups are left out.
+
+    With `exempt_biases_norms_embeddings` False every parameter decays, as in the original nanoVLM (one AdamW over
+    all parameters at torch's default decay 0.01): the groups are then one per part, named after it.
+    """
     groups: dict[tuple[str, bool], dict] = {}
     seen: set[int] = set()
     for name, param in named_parameters:
@@ -57,7 +64,7 @@ def build_param_groups(
             continue
         seen.add(id(param))
         part = part_of(name)
-        decay = not any(marker in name.lower() for marker in NO_DECAY_MARKERS)
+        decay = not exempt_biases_norms_embeddings or not any(marker in name.lower() for marker in NO_DECAY_MARKERS)
         group = groups.setdefault(
             (part, decay),
             {"params": [], "lr": lrs[part], "weight_decay": weight_decay if decay else 0.0,

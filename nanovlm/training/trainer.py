@@ -2,10 +2,12 @@
 
 What it overrides, and why (everything else is Trainer's):
 - `create_optimizer` / `create_scheduler`: AdamW groups per part (projector, vision, language) at their own LRs,
-  no weight decay on biases/norms/embeddings, frozen parts (LR 0) left out; nanoVLM's warmup + cosine-to-10% per
-  group. Trainer has a single LR and schedules that decay to 0.
+  no weight decay on biases/norms/embeddings (unless --weight_decay_exempt_biases_norms_embeddings false), frozen
+  parts (LR 0) left out; nanoVLM's warmup + cosine-to-10% per group. Trainer has a single LR and schedules that
+  decay to 0.
 - `training_step`: pops the collator's `stats` / `data_state` (not model inputs), times data wait and
-  forward+backward, feeds the non-finite-loss guard.
+  forward+backward, feeds the non-finite-loss guard; with `--loss_normalization micro_batch_mean` it withholds the
+  step's label-token count, so each micro-batch's mean is divided by the accumulation steps (the original's rule).
 - `log`: adds every group's LR and throughput statistics gathered across processes (mean/min/max).
 - `evaluate`: token-weighted validation loss over the whole held-out set (Trainer averages per batch).
 - `_save_checkpoint` / `train`: the packed dataset's position is saved with every checkpoint (before
@@ -120,7 +122,12 @@ class NanoVLMTrainer(Trainer):
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             opt_model = self.model if model is None else model
-            groups = build_param_groups(opt_model.named_parameters(), self.part_lrs, self.args.weight_decay)
+            groups = build_param_groups(
+                opt_model.named_parameters(),
+                self.part_lrs,
+                self.args.weight_decay,
+                exempt_biases_norms_embeddings=self.args.weight_decay_exempt_biases_norms_embeddings,
+            )
             if not groups:
                 raise ValueError("Every part is frozen (all three learning rates are 0): nothing to train.")
             self.optimizer = GuardedAdamW(
@@ -156,6 +163,10 @@ class NanoVLMTrainer(Trainer):
             self._window["data_wait"] += start - self._last_step_end
         stats = self._pop_extras(inputs)
         self._lrs_in_use = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+        if self.args.loss_normalization == "micro_batch_mean":
+            # Without the step's label-token count the model returns this micro-batch's mean, which Trainer divides
+            # by the accumulation steps (and DDP averages over processes): the original nanoVLM's rule.
+            num_items_in_batch = None
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.nonfinite_guard.observe(loss)
         if self.args.device.type == "cuda":
