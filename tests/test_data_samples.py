@@ -469,3 +469,35 @@ def test_sample_dataset_curriculum_prefix(builder):
         SampleDataset(rows, builder, seed=4, first=10)
     with pytest.raises(ValueError, match=r"first \(a curriculum prefix\) needs a seed"):
         SampleDataset(rows, builder, first=2)
+
+
+def _png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression bomb), built from a 1x1 PNG without
+    allocating the pixels: only the IHDR size fields and their CRC are rewritten."""
+    import struct
+    import zlib
+
+    data = bytearray(_png(Image.new("L", (1, 1))))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    body = bytes(data[ihdr : ihdr + 4 + 13])
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(body))
+    return bytes(data)
+
+
+def test_max_image_pixels_is_the_one_limit_not_pillows(tiny_processor, monkeypatch):
+    bomb = _png_header_claiming(30000, 30000)  # 900M pixels: over Pillow's own 2 x 178.9M error threshold
+    builder = SampleBuilder(tiny_processor)  # default cap 50M
+    assert builder.build(_row(GOOD_TURN, images=[bomb])) == (None, "image_too_large")
+    assert builder.build(_row(GOOD_TURN, images=[{"bytes": bomb, "path": None}])) == (None, "image_too_large")
+    # With Pillow's limit below the image and ours above it, ours decides: the image is built, not a bad_image,
+    # and Pillow's global setting is what it was afterwards.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    sample, reason = SampleBuilder(tiny_processor, max_image_pixels=10_000).build(
+        _row(GOOD_TURN, images=[_png(Image.new("RGB", (60, 60), RED))])
+    )
+    assert reason is None and sample["n_images"] == 1
+    assert Image.MAX_IMAGE_PIXELS == 100
+    assert SampleBuilder(tiny_processor, max_image_pixels=1000).build(
+        _row(GOOD_TURN, images=[_png(Image.new("RGB", (60, 60), RED))])
+    ) == (None, "image_too_large")
