@@ -186,7 +186,9 @@ def load_finevision(
         load_kwargs: passed to `datasets.load_dataset`.
 
     A config that fails to load is logged with its error and skipped. Raises ValueError listing every attempt and
-    its error if none loads.
+    its error if none loads. Under several processes (an initialised `torch.distributed` process group) every rank
+    must have loaded the same configs, else a ValueError names the config and the ranks (see `check_ranks_agree`);
+    so every rank must call this function.
     """
     if isinstance(path_or_id, (list, tuple)):
         source: str | list[str] = [os.fspath(p) for p in path_or_id]
@@ -229,6 +231,8 @@ def load_finevision(
             continue
         logger.info("Loaded %s%s.", label, f": {len(ds)} rows" if isinstance(ds, Dataset) else " (streaming)")
         loaded.append((name, ds))
+    # Before any error of ours, so that no rank is left waiting in the collective.
+    check_ranks_agree(gather_across_ranks(([name for name, _ in loaded], failures)), source)
     if not loaded:
         raise ValueError(
             f"Could not load any of {len(names)} config(s) of {source!r} (split {split!r}); tried:\n  - "
@@ -249,6 +253,42 @@ def load_finevision(
             f"The configs of {source!r} cannot be combined ({type(err).__name__}: {_short(err)}). Their features: "
             f"{features}. Load them separately or pass columns=... to keep only compatible columns."
         ) from err
+
+
+def gather_across_ranks(value: Any) -> list[Any]:
+    """`value` of every rank, in rank order (`torch.distributed.all_gather_object`), or `[value]` when no process
+    group is initialised (one process; Accelerate/Trainer initialise it under torchrun and `accelerate launch`)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def check_ranks_agree(per_rank: Sequence[tuple[Sequence[str | None], Sequence[str]]], source: Any) -> None:
+    """Raise one ValueError unless every rank loaded the same configs.
+
+    Why: each rank loads on its own and then takes its share of what it loaded; a config that failed on one rank
+    only (a transient error) shifts every share after it, so rows are silently duplicated on some ranks and lost on
+    others. `per_rank[r]` is (the config names rank r loaded, its failure messages "config: error").
+    """
+    if len(per_rank) < 2:
+        return
+    names = {name for loaded, _ in per_rank for name in loaded}
+    for name in sorted(names, key=str):
+        missing = [r for r, (loaded, _) in enumerate(per_rank) if name not in loaded]
+        if missing:
+            present = [r for r in range(len(per_rank)) if r not in missing]
+            label = name if name is not None else source
+            errors = [e for r in missing for e in per_rank[r][1] if e.startswith(f"{label}:")]
+            reason = f" ({errors[0]})" if errors else ""
+            raise ValueError(
+                f"--dataset_configs: {label!r} of {source!r} loaded on rank(s) {present} but failed on rank(s) "
+                f"{missing}{reason}; every rank must load the same configs, or rows are duplicated and lost: fix "
+                "the error and restart, or leave the config out of --dataset_configs."
+            )
 
 
 def split_train_val(ds: AnyDataset, val_size: int, seed: int = 0) -> tuple[AnyDataset, AnyDataset | None]:
@@ -302,6 +342,8 @@ def shuffle_dataset(ds: AnyDataset, seed: int, buffer_size: int = 10_000) -> Any
 
 __all__ = [
     "FINEVISION_COLUMNS",
+    "check_ranks_agree",
+    "gather_across_ranks",
     "load_finevision",
     "shard_for_rank",
     "shuffle_dataset",
