@@ -440,9 +440,13 @@ def test_sample_dataset_counts_unreadable_rows(builder, caplog):
 def test_sample_stream_iter_from_reads_strided_positions(builder, tiny_processor):
     rows = Dataset.from_dict(_rows(6), features=FEATURES).to_iterable_dataset(num_shards=2)
     stream = SampleStream(rows, builder)
+    # stride 2 with 2 shards: reader 1 reads shard 1 (rows 3-5), whole shards per reader
     out = list(stream.iter_from(1, 2))
-    assert [_answer(tiny_processor, s) for s in out] == [f"answer {i}<|im_end|>" for i in (1, 3, 5)]
-    assert list(stream.iter_from(2, 3))[0] is None and builder.counter.as_dict() == {"bad_image": 1}
+    assert [_answer(tiny_processor, s) for s in out] == [f"answer {i}<|im_end|>" for i in (3, 4, 5)]
+    # stride 3 with 2 shards: reader 2 reads the whole stream and keeps rows 2 and 5
+    assert [s is None for s in stream.iter_from(2, 3)] == [True, False] and builder.counter.as_dict() == {
+        "bad_image": 1
+    }
     with pytest.raises(ValueError, match="need start >= 0 and stride >= 1, got start=0, stride=0"):
         next(stream.iter_from(0, 0))
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,6 +116,54 @@ def _load_one(
             return _load_one([str(path)], None, split, streaming, num_shards, **kwargs)
         raise FileNotFoundError(f"no such file or folder: {path}")
     return datasets.load_dataset(source, config, split=split, streaming=streaming, **kwargs)
+
+
+SHARD_ERROR_COLUMN = "shard_error"
+
+
+def stream_rows(ds: IterableDataset, batch_size: int = 1) -> Iterator[dict[str, Any]]:
+    """The rows of a stream as the main process reads them, also inside a DataLoader worker.
+
+    Why not `iter(ds)`: inside a worker `datasets` hands each worker only the shards of its *physical* worker id
+    (and nothing when there are fewer shards than workers); our readers choose shards themselves (see
+    `nanovlm.data.samples.SampleStream`). `IterableDataset.iter` reads without that split.
+    """
+    for batch in ds.iter(batch_size=batch_size):
+        yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
+
+
+def _shard_rows(shard: list[int], source: IterableDataset, label: str) -> Iterator[dict[str, Any]]:
+    """`from_generator` body of `skip_bad_shards`: the rows of `source`'s shards `shard`, one marker row per shard
+    that fails while being read."""
+    blank = dict.fromkeys(source.features)
+    for i in shard:
+        part = source.shard(num_shards=source.num_shards, index=i, contiguous=True)
+        try:
+            for row in stream_rows(part):
+                yield {**row, SHARD_ERROR_COLUMN: None}
+        except Exception as err:  # any reading error (ArrowInvalid, OSError, JSON...): the rest of this shard only
+            yield {**blank, SHARD_ERROR_COLUMN: f"{label} shard {i}: {type(err).__name__}: {_short(err)}"}
+
+
+def skip_bad_shards(ds: IterableDataset, label: str) -> IterableDataset:
+    """The same stream, except that a shard failing while being read (a corrupt parquet file passes loading, since
+    streams are read lazily) ends in one marker row instead of an exception: its `shard_error` column holds the
+    error, every other row has None there. `SampleBuilder` counts a marker row as a `bad_shard` skip and logs it,
+    and training goes on with the next shard; rows read before the failure are kept.
+
+    Per config, before configs are interleaved, so a bad file costs only its own rows. Hand-written on
+    `from_generator` (one generator input per shard, so shards still split across ranks and workers and are
+    reshuffled per epoch): `datasets`' own `on_bad_files` exists only for some formats and nothing could count it.
+    A stream whose columns are unknown until read (`features` None) is returned as is.
+    """
+    if ds.features is None:
+        return ds
+    source = ds.decode(False)  # images stay {"bytes", "path"}: decoding is the sample builder's job
+    features = datasets.Features({**source.features, SHARD_ERROR_COLUMN: datasets.Value("string")})
+    return IterableDataset.from_generator(
+        _shard_rows, features=features,
+        gen_kwargs={"shard": list(range(source.num_shards)), "source": source, "label": label},
+    )
 
 
 def _config_names(source: str, revision: str | None) -> list[str]:
@@ -225,6 +273,8 @@ def load_finevision(
         try:
             ds = _load_one(source, name, split, streaming, stream_num_shards, **kwargs)
             ds = _keep_columns(ds, columns, label)
+            if isinstance(ds, IterableDataset):
+                ds = skip_bad_shards(ds, label)
         except Exception as err:
             logger.warning("Skipping %s: %s: %s", label, type(err).__name__, _short(err))
             failures.append(f"{name if name is not None else source}: {type(err).__name__}: {_short(err)}")
@@ -326,7 +376,26 @@ def shard_for_rank(ds: AnyDataset, rank: int, world_size: int) -> AnyDataset:
         raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
     if world_size == 1:
         return ds
+    if isinstance(ds, IterableDataset) and ds.num_shards % world_size == 0:
+        # The shards split_dataset_by_node would give this rank, as a plain stream of them: DataLoader workers
+        # (`SampleStream`) then split exactly this rank's shards; split_dataset_by_node's split is applied at
+        # iteration time, after any further sharding, which would mix up the two levels.
+        return ds.shard(num_shards=world_size, index=rank, contiguous=False)
     return split_dataset_by_node(ds, rank=rank, world_size=world_size)
+
+
+def stream_read_factor(num_shards: int, world_size: int, num_workers: int) -> int:
+    """How many times each row of a stream of `num_shards` shards is read (from storage, not decoded) when split
+    over `world_size` ranks x `num_workers` DataLoader workers each (0 counts as 1).
+
+    The rule: a rank takes whole shards when `num_shards % world_size == 0`, else it reads every shard and keeps
+    one row in `world_size`; inside a rank, each worker takes whole shards when the rank has at least as many shards
+    as workers, else every worker reads all the rank's shards and keeps one row in `num_workers`. 1 means no extra
+    reading.
+    """
+    workers = max(1, num_workers)
+    per_rank, factor = (num_shards // world_size, 1) if num_shards % world_size == 0 else (num_shards, world_size)
+    return factor * (1 if per_rank >= workers else workers)
 
 
 def shuffle_dataset(ds: AnyDataset, seed: int, buffer_size: int = 10_000) -> AnyDataset:
@@ -347,5 +416,8 @@ __all__ = [
     "load_finevision",
     "shard_for_rank",
     "shuffle_dataset",
+    "skip_bad_shards",
     "split_train_val",
+    "stream_read_factor",
+    "stream_rows",
 ]
