@@ -255,9 +255,11 @@ class SampleBuilder:
     def _skip(self, reason: str, detail: str, index: int | None, exc_info: BaseException | None = None) -> None:
         self.counter.add(reason)
         where = f"row {index}" if index is not None else "a row"
-        if reason not in self._logged or reason == "bad_shard":  # shards are few: log every lost one
+        if reason == "bad_shard":  # shards are few and each loses many rows: log every one
+            logger.warning("skipping the rest of a stream shard at %s (bad_shard): %s", where, detail)
+        elif reason not in self._logged:
             self._logged.add(reason)
-            level = logging.WARNING if reason.startswith("error:") or reason == "bad_shard" else logging.INFO
+            level = logging.WARNING if reason.startswith("error:") else logging.INFO
             logger.log(
                 level,
                 "skipping %s (%s): %s [first '%s'; later ones are only counted]",
@@ -441,12 +443,17 @@ class SampleStream:
             raise ValueError(f"need start >= 0 and stride >= 1, got start={start!r}, stride={stride!r}.")
         if not isinstance(self.rows, datasets.IterableDataset):
             return zip(itertools.count(start, stride), itertools.islice(iter(self.rows), start, None, stride))
+        # Read a copy made by shard() (shard(1, 0) is the whole stream) with this reader's epoch set on it. Why:
+        # datasets keeps a stream's epoch in shared memory, common to all DataLoader workers, and workers reach an
+        # epoch's end at different times, so the original's epoch is whatever worker set it last.
         if stride > 1 and self.rows.num_shards >= stride:
             worker, local = start % stride, start // stride
             part = self.rows.shard(num_shards=stride, index=worker, contiguous=False)
-            part.set_epoch(self.rows.epoch)  # shard() starts at epoch 0: keep this epoch's shuffle
+            part.set_epoch(self.epoch)
             return zip(itertools.count(start, stride), itertools.islice(stream_rows(part), local, None))
-        return zip(itertools.count(start, stride), itertools.islice(stream_rows(self.rows), start, None, stride))
+        whole = self.rows.shard(num_shards=1, index=0)
+        whole.set_epoch(self.epoch)
+        return zip(itertools.count(start, stride), itertools.islice(stream_rows(whole), start, None, stride))
 
     def iter_from(self, start: int, stride: int = 1) -> Iterator[dict[str, Any] | None]:
         """Samples (None for skipped rows) of the rows at positions start, start + stride, ..."""
