@@ -3,7 +3,9 @@
 `load_finevision` loads one, several or all configs of a dataset (a hub id such as `HuggingFaceM4/FineVision`,
 or a local folder with one sub-folder per config) or local data files, keeps the columns the pipeline reads, and
 concatenates the configs (map-style) or interleaves them, each row once (streaming). A config that fails to load
-is logged with its error and skipped; if none loads, a ValueError lists what was tried.
+is logged with its error and skipped; if none loads, a ValueError lists what was tried; if ranks loaded different
+configs, a ValueError names the config and the ranks. A streaming config's shard that fails while being read
+becomes one marker row (`skip_bad_shards`) that the sample builder counts as `bad_shard`.
 
 The order that keeps every rank and epoch consistent::
 
