@@ -13,10 +13,12 @@ This file is copied next to the weights by `save_pretrained`; it imports only tr
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from transformers.processing_utils import ImagesKwargs
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
+_PIXEL_LIMIT_LOCK = threading.Lock()
 
 
 class ImageTooLargeError(ValueError):
@@ -60,6 +63,32 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     return image.convert("RGB")
 
 
+@contextlib.contextmanager
+def _pillow_pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Lift Pillow's own decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, 178.9M pixels) while we open and decode,
+    when we enforce `max_pixels` ourselves; restored on exit. Why: Pillow raises `DecompressionBombError` inside
+    `Image.open` (from the header size, before any check of ours), so without this a `max_pixels` above 178.9M had no
+    effect and an oversized image counted as undecodable instead of too large. Pillow has no per-call setting, so
+    the module global is swapped for the duration of one open/load under a lock (DataLoader workers are processes;
+    a thread of other code opening an image inside this window would see the lifted limit, never a leaked one).
+    With `max_pixels=None` Pillow's limit applies unchanged."""
+    if max_pixels is None:
+        yield
+        return
+    with _PIXEL_LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _open_header(fp, max_pixels: int | None) -> Image.Image:
+    """`Image.open` (reads the header only, no pixels) with `max_pixels`, not Pillow's limit, in charge."""
+    with _pillow_pixel_limit(max_pixels):
+        return Image.open(fp)
+
+
 def load_image(image, max_pixels: int | None = None) -> Image.Image:
     """Open a PIL image, path, bytes, numpy array (HW or HWC) or {"bytes"/"path"} dict as an RGB PIL image.
 
@@ -69,11 +98,11 @@ def load_image(image, max_pixels: int | None = None) -> Image.Image:
         image = image.get("bytes") or image.get("path")
     try:
         if isinstance(image, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(image))
+            image = _open_header(io.BytesIO(image), max_pixels)
         elif isinstance(image, (str, os.PathLike)):
             if not os.path.isfile(image):
                 raise ValueError(f"Image file not found: {image}")
-            image = Image.open(image)
+            image = _open_header(image, max_pixels)
         elif isinstance(image, np.ndarray):
             image = Image.fromarray(image)
         elif not isinstance(image, Image.Image):
@@ -92,7 +121,8 @@ def load_image(image, max_pixels: int | None = None) -> Image.Image:
         # LOAD_TRUNCATED_IMAGES on at import, which would silently decode half an image).
         saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
         try:
-            image.load()
+            with _pillow_pixel_limit(max_pixels):  # some plugins check the size again while decoding
+                image.load()
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = saved
         return to_rgb(image)

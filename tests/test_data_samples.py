@@ -440,9 +440,13 @@ def test_sample_dataset_counts_unreadable_rows(builder, caplog):
 def test_sample_stream_iter_from_reads_strided_positions(builder, tiny_processor):
     rows = Dataset.from_dict(_rows(6), features=FEATURES).to_iterable_dataset(num_shards=2)
     stream = SampleStream(rows, builder)
+    # stride 2 with 2 shards: reader 1 reads shard 1 (rows 3-5), whole shards per reader
     out = list(stream.iter_from(1, 2))
-    assert [_answer(tiny_processor, s) for s in out] == [f"answer {i}<|im_end|>" for i in (1, 3, 5)]
-    assert list(stream.iter_from(2, 3))[0] is None and builder.counter.as_dict() == {"bad_image": 1}
+    assert [_answer(tiny_processor, s) for s in out] == [f"answer {i}<|im_end|>" for i in (3, 4, 5)]
+    # stride 3 with 2 shards: reader 2 reads the whole stream and keeps rows 2 and 5
+    assert [s is None for s in stream.iter_from(2, 3)] == [True, False] and builder.counter.as_dict() == {
+        "bad_image": 1
+    }
     with pytest.raises(ValueError, match="need start >= 0 and stride >= 1, got start=0, stride=0"):
         next(stream.iter_from(0, 0))
 
@@ -469,3 +473,35 @@ def test_sample_dataset_curriculum_prefix(builder):
         SampleDataset(rows, builder, seed=4, first=10)
     with pytest.raises(ValueError, match=r"first \(a curriculum prefix\) needs a seed"):
         SampleDataset(rows, builder, first=2)
+
+
+def _png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression bomb), built from a 1x1 PNG without
+    allocating the pixels: only the IHDR size fields and their CRC are rewritten."""
+    import struct
+    import zlib
+
+    data = bytearray(_png(Image.new("L", (1, 1))))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    body = bytes(data[ihdr : ihdr + 4 + 13])
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(body))
+    return bytes(data)
+
+
+def test_max_image_pixels_is_the_one_limit_not_pillows(tiny_processor, monkeypatch):
+    bomb = _png_header_claiming(30000, 30000)  # 900M pixels: over Pillow's own 2 x 178.9M error threshold
+    builder = SampleBuilder(tiny_processor)  # default cap 50M
+    assert builder.build(_row(GOOD_TURN, images=[bomb])) == (None, "image_too_large")
+    assert builder.build(_row(GOOD_TURN, images=[{"bytes": bomb, "path": None}])) == (None, "image_too_large")
+    # With Pillow's limit below the image and ours above it, ours decides: the image is built, not a bad_image,
+    # and Pillow's global setting is what it was afterwards.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    sample, reason = SampleBuilder(tiny_processor, max_image_pixels=10_000).build(
+        _row(GOOD_TURN, images=[_png(Image.new("RGB", (60, 60), RED))])
+    )
+    assert reason is None and sample["n_images"] == 1
+    assert Image.MAX_IMAGE_PIXELS == 100
+    assert SampleBuilder(tiny_processor, max_image_pixels=1000).build(
+        _row(GOOD_TURN, images=[_png(Image.new("RGB", (60, 60), RED))])
+    ) == (None, "image_too_large")

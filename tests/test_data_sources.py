@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from itertools import combinations
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from PIL import Image
 from nanovlm.data.samples import IGNORE_INDEX, SampleBuilder
 from nanovlm.data.sources import (
     FINEVISION_COLUMNS,
+    check_ranks_agree,
     load_finevision,
     shard_for_rank,
     shuffle_dataset,
@@ -222,3 +226,32 @@ def test_stream_shuffle_is_seeded_and_reseeded_by_set_epoch():
     assert sorted(epoch1) == sorted(epoch0) and epoch1 != epoch0
     mapped = shuffle_dataset(_dataset(30, "z"), seed=7)
     assert _answers(mapped) == _answers(shuffle_dataset(_dataset(30, "z"), seed=7)) != [f"z{i}" for i in range(30)]
+
+
+# ---- ranks must agree on the configs they loaded ---------------------------------------------------------------
+
+
+def test_check_ranks_agree_names_the_config_and_the_ranks():
+    check_ranks_agree([(["a", "b"], []), (["a", "b"], [])], "root")
+    check_ranks_agree([(["a"], ["b: OSError: x"]), (["a"], ["b: OSError: x"])], "root")  # failed everywhere: fine
+    with pytest.raises(ValueError) as err:
+        check_ranks_agree([(["a", "b"], []), (["a"], ["b: ConnectionError: 503"]), (["a", "b"], []), (["a"], [])], "root")
+    assert str(err.value) == (
+        "--dataset_configs: 'b' of 'root' loaded on rank(s) [0, 2] but failed on rank(s) [1, 3] (b: ConnectionError: "
+        "503); every rank must load the same configs, or rows are duplicated and lost: fix the error and restart, "
+        "or leave the config out of --dataset_configs."
+    )
+
+
+def test_a_config_failing_on_one_of_two_processes_stops_both_with_one_error(data_root, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).parent / "dist_configs_script.py"), str(tmp_path), str(data_root)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    expected = (
+        f"ValueError: --dataset_configs: 'b' of {str(data_root)!r} loaded on rank(s) [0] but failed on rank(s) [1] "
+        "(b: ConnectionError: 503 from the hub (transient)); every rank must load the same configs"
+    )
+    assert all(r.startswith(expected) and "\n" not in r for r in results), results

@@ -48,6 +48,7 @@ from .conversations import (
     filter_turns,
     turns_to_messages,
 )
+from .sources import SHARD_ERROR_COLUMN, stream_rows
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ SKIP_REASONS: dict[str, str] = {
     "too_many_images": "the row has more images than max_images_per_example",
     "too_long": "the tokenized sample is longer than max_sample_length (samples are never truncated)",
     "no_label_tokens": "no token is an assistant token",
+    "bad_shard": "a shard of a stream failed while being read (e.g. a corrupt parquet file): the rest of it is skipped",
 }
 
 
@@ -206,6 +208,8 @@ class SampleBuilder:
     def _build(self, row: Any) -> dict[str, Any]:
         if not isinstance(row, Mapping):
             raise SkipSample("bad_row", f"expected a dict, got {type(row).__name__}")
+        if row.get(SHARD_ERROR_COLUMN):  # the marker row `skip_bad_shards` puts where a shard failed
+            raise SkipSample("bad_shard", row[SHARD_ERROR_COLUMN])
         images = as_image_list(row.get("images"))
         if self.max_images_per_example is not None and len(images) > self.max_images_per_example:
             raise SkipSample(
@@ -251,7 +255,9 @@ class SampleBuilder:
     def _skip(self, reason: str, detail: str, index: int | None, exc_info: BaseException | None = None) -> None:
         self.counter.add(reason)
         where = f"row {index}" if index is not None else "a row"
-        if reason not in self._logged:
+        if reason == "bad_shard":  # shards are few and each loses many rows: log every one
+            logger.warning("skipping the rest of a stream shard at %s (bad_shard): %s", where, detail)
+        elif reason not in self._logged:
             self._logged.add(reason)
             level = logging.WARNING if reason.startswith("error:") else logging.INFO
             logger.log(
@@ -396,10 +402,18 @@ class SampleStream:
         builder: the `SampleBuilder`.
         log_every: log the builder's counter summary every this many rows built in this process (None: never).
 
-    In a DataLoader worker a `datasets.IterableDataset` only yields that worker's shards (datasets does this
-    itself), so there `iter_from(worker + k * num_workers, num_workers)` reads the worker's own shards from their
-    k-th row: still nothing read twice or lost, and resumable with the same `num_workers`. Give the stream at least
-    as many shards as workers (`to_iterable_dataset(num_shards=...)`), or some workers get no rows.
+    `PackedDataset` reads with stride = W (its DataLoader workers; 1 without workers) and start = w (mod W) for its
+    logical worker w, which after a resume need not be the physical DataLoader worker id. For a
+    `datasets.IterableDataset` the reader w of W therefore picks its rows itself, never by the physical worker id
+    (`datasets`' own split inside a worker, which crashed resumes and starved workers when shards were few):
+
+    - at least W shards: reader w reads the shards w, w + W, ... (those `datasets` would give worker w) and
+      positions count the rows of those shards, so each row is read once;
+    - fewer shards than W: every reader reads the whole stream and keeps every W-th row (W x the reading, not
+      the decoding: skipped rows are never built; `build_datasets` warns with the factor).
+
+    Either way nothing is read twice or lost, resume is exact with the same W, and the result does not depend on
+    which process runs which reader.
     """
 
     def __init__(self, rows: Iterable[Any], builder: SampleBuilder, log_every: int | None = None) -> None:
@@ -427,21 +441,19 @@ class SampleStream:
     def _positions(self, start: int, stride: int) -> Iterator[tuple[int, Any]]:
         if not (isinstance(start, int) and isinstance(stride, int) and start >= 0 and stride >= 1):
             raise ValueError(f"need start >= 0 and stride >= 1, got start={start!r}, stride={stride!r}.")
-        info = torch.utils.data.get_worker_info()
-        if info is not None and isinstance(self.rows, datasets.IterableDataset):
-            # datasets already hands this worker only its shards: read them from the worker's local position.
-            if stride == info.num_workers and start % stride == info.id:
-                local = start // stride
-            elif stride == 1:
-                local = start
-            else:
-                raise ValueError(
-                    f"in DataLoader worker {info.id} of {info.num_workers} a datasets stream yields only this "
-                    f"worker's shards: read it with stride={info.num_workers} from a start = {info.id} (mod "
-                    f"{info.num_workers}), or with stride=1; got start={start}, stride={stride}."
-                )
-            return enumerate(itertools.islice(iter(self.rows), local, None), start=local)
-        return zip(itertools.count(start, stride), itertools.islice(iter(self.rows), start, None, stride))
+        if not isinstance(self.rows, datasets.IterableDataset):
+            return zip(itertools.count(start, stride), itertools.islice(iter(self.rows), start, None, stride))
+        # Read a copy made by shard() (shard(1, 0) is the whole stream) with this reader's epoch set on it. Why:
+        # datasets keeps a stream's epoch in shared memory, common to all DataLoader workers, and workers reach an
+        # epoch's end at different times, so the original's epoch is whatever worker set it last.
+        if stride > 1 and self.rows.num_shards >= stride:
+            worker, local = start % stride, start // stride
+            part = self.rows.shard(num_shards=stride, index=worker, contiguous=False)
+            part.set_epoch(self.epoch)
+            return zip(itertools.count(start, stride), itertools.islice(stream_rows(part), local, None))
+        whole = self.rows.shard(num_shards=1, index=0)
+        whole.set_epoch(self.epoch)
+        return zip(itertools.count(start, stride), itertools.islice(stream_rows(whole), start, None, stride))
 
     def iter_from(self, start: int, stride: int = 1) -> Iterator[dict[str, Any] | None]:
         """Samples (None for skipped rows) of the rows at positions start, start + stride, ..."""

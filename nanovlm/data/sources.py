@@ -3,7 +3,9 @@
 `load_finevision` loads one, several or all configs of a dataset (a hub id such as `HuggingFaceM4/FineVision`,
 or a local folder with one sub-folder per config) or local data files, keeps the columns the pipeline reads, and
 concatenates the configs (map-style) or interleaves them, each row once (streaming). A config that fails to load
-is logged with its error and skipped; if none loads, a ValueError lists what was tried.
+is logged with its error and skipped; if none loads, a ValueError lists what was tried; if ranks loaded different
+configs, a ValueError names the config and the ranks. A streaming config's shard that fails while being read
+becomes one marker row (`skip_bad_shards`) that the sample builder counts as `bad_shard`.
 
 The order that keeps every rank and epoch consistent::
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,6 +120,54 @@ def _load_one(
     return datasets.load_dataset(source, config, split=split, streaming=streaming, **kwargs)
 
 
+SHARD_ERROR_COLUMN = "shard_error"
+
+
+def stream_rows(ds: IterableDataset, batch_size: int = 1) -> Iterator[dict[str, Any]]:
+    """The rows of a stream as the main process reads them, also inside a DataLoader worker.
+
+    Why not `iter(ds)`: inside a worker `datasets` hands each worker only the shards of its *physical* worker id
+    (and nothing when there are fewer shards than workers); our readers choose shards themselves (see
+    `nanovlm.data.samples.SampleStream`). `IterableDataset.iter` reads without that split.
+    """
+    for batch in ds.iter(batch_size=batch_size):
+        yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
+
+
+def _shard_rows(shard: list[int], source: IterableDataset, label: str) -> Iterator[dict[str, Any]]:
+    """`from_generator` body of `skip_bad_shards`: the rows of `source`'s shards `shard`, one marker row per shard
+    that fails while being read."""
+    blank = dict.fromkeys(source.features)
+    for i in shard:
+        part = source.shard(num_shards=source.num_shards, index=i, contiguous=True)
+        try:
+            for row in stream_rows(part):
+                yield {**row, SHARD_ERROR_COLUMN: None}
+        except Exception as err:  # any reading error (ArrowInvalid, OSError, JSON...): the rest of this shard only
+            yield {**blank, SHARD_ERROR_COLUMN: f"{label} shard {i}: {type(err).__name__}: {_short(err)}"}
+
+
+def skip_bad_shards(ds: IterableDataset, label: str) -> IterableDataset:
+    """The same stream, except that a shard failing while being read (a corrupt parquet file passes loading, since
+    streams are read lazily) ends in one marker row instead of an exception: its `shard_error` column holds the
+    error, every other row has None there. `SampleBuilder` counts a marker row as a `bad_shard` skip and logs it,
+    and training goes on with the next shard; rows read before the failure are kept.
+
+    Per config, before configs are interleaved, so a bad file costs only its own rows. Hand-written on
+    `from_generator` (one generator input per shard, so shards still split across ranks and workers and are
+    reshuffled per epoch): `datasets`' own `on_bad_files` exists only for some formats and nothing could count it.
+    A stream whose columns are unknown until read (`features` None) is returned as is.
+    """
+    if ds.features is None:
+        return ds
+    source = ds.decode(False)  # images stay {"bytes", "path"}: decoding is the sample builder's job
+    features = datasets.Features({**source.features, SHARD_ERROR_COLUMN: datasets.Value("string")})
+    return IterableDataset.from_generator(
+        _shard_rows, features=features,
+        gen_kwargs={"shard": list(range(source.num_shards)), "source": source, "label": label},
+    )
+
+
 def _config_names(source: str, revision: str | None) -> list[str]:
     """Every config of a hub dataset, or every dataset sub-folder of a local folder."""
     if _looks_local(source):
@@ -186,7 +236,9 @@ def load_finevision(
         load_kwargs: passed to `datasets.load_dataset`.
 
     A config that fails to load is logged with its error and skipped. Raises ValueError listing every attempt and
-    its error if none loads.
+    its error if none loads. Under several processes (an initialised `torch.distributed` process group) every rank
+    must have loaded the same configs, else a ValueError names the config and the ranks (see `check_ranks_agree`);
+    so every rank must call this function.
     """
     if isinstance(path_or_id, (list, tuple)):
         source: str | list[str] = [os.fspath(p) for p in path_or_id]
@@ -223,12 +275,16 @@ def load_finevision(
         try:
             ds = _load_one(source, name, split, streaming, stream_num_shards, **kwargs)
             ds = _keep_columns(ds, columns, label)
+            if isinstance(ds, IterableDataset):
+                ds = skip_bad_shards(ds, label)
         except Exception as err:
             logger.warning("Skipping %s: %s: %s", label, type(err).__name__, _short(err))
             failures.append(f"{name if name is not None else source}: {type(err).__name__}: {_short(err)}")
             continue
         logger.info("Loaded %s%s.", label, f": {len(ds)} rows" if isinstance(ds, Dataset) else " (streaming)")
         loaded.append((name, ds))
+    # Before any error of ours, so that no rank is left waiting in the collective.
+    check_ranks_agree(gather_across_ranks(([name for name, _ in loaded], failures)), source)
     if not loaded:
         raise ValueError(
             f"Could not load any of {len(names)} config(s) of {source!r} (split {split!r}); tried:\n  - "
@@ -249,6 +305,42 @@ def load_finevision(
             f"The configs of {source!r} cannot be combined ({type(err).__name__}: {_short(err)}). Their features: "
             f"{features}. Load them separately or pass columns=... to keep only compatible columns."
         ) from err
+
+
+def gather_across_ranks(value: Any) -> list[Any]:
+    """`value` of every rank, in rank order (`torch.distributed.all_gather_object`), or `[value]` when no process
+    group is initialised (one process; Accelerate/Trainer initialise it under torchrun and `accelerate launch`)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def check_ranks_agree(per_rank: Sequence[tuple[Sequence[str | None], Sequence[str]]], source: Any) -> None:
+    """Raise one ValueError unless every rank loaded the same configs.
+
+    Why: each rank loads on its own and then takes its share of what it loaded; a config that failed on one rank
+    only (a transient error) shifts every share after it, so rows are silently duplicated on some ranks and lost on
+    others. `per_rank[r]` is (the config names rank r loaded, its failure messages "config: error").
+    """
+    if len(per_rank) < 2:
+        return
+    names = {name for loaded, _ in per_rank for name in loaded}
+    for name in sorted(names, key=str):
+        missing = [r for r, (loaded, _) in enumerate(per_rank) if name not in loaded]
+        if missing:
+            present = [r for r in range(len(per_rank)) if r not in missing]
+            label = name if name is not None else source
+            errors = [e for r in missing for e in per_rank[r][1] if e.startswith(f"{label}:")]
+            reason = f" ({errors[0]})" if errors else ""
+            raise ValueError(
+                f"--dataset_configs: {label!r} of {source!r} loaded on rank(s) {present} but failed on rank(s) "
+                f"{missing}{reason}; every rank must load the same configs, or rows are duplicated and lost: fix "
+                "the error and restart, or leave the config out of --dataset_configs."
+            )
 
 
 def split_train_val(ds: AnyDataset, val_size: int, seed: int = 0) -> tuple[AnyDataset, AnyDataset | None]:
@@ -286,7 +378,26 @@ def shard_for_rank(ds: AnyDataset, rank: int, world_size: int) -> AnyDataset:
         raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
     if world_size == 1:
         return ds
+    if isinstance(ds, IterableDataset) and ds.num_shards % world_size == 0:
+        # The shards split_dataset_by_node would give this rank, as a plain stream of them: DataLoader workers
+        # (`SampleStream`) then split exactly this rank's shards; split_dataset_by_node's split is applied at
+        # iteration time, after any further sharding, which would mix up the two levels.
+        return ds.shard(num_shards=world_size, index=rank, contiguous=False)
     return split_dataset_by_node(ds, rank=rank, world_size=world_size)
+
+
+def stream_read_factor(num_shards: int, world_size: int, num_workers: int) -> int:
+    """How many times each row of a stream of `num_shards` shards is read (from storage, not decoded) when split
+    over `world_size` ranks x `num_workers` DataLoader workers each (0 counts as 1).
+
+    The rule: a rank takes whole shards when `num_shards % world_size == 0`, else it reads every shard and keeps
+    one row in `world_size`; inside a rank, each worker takes whole shards when the rank has at least as many shards
+    as workers, else every worker reads all the rank's shards and keeps one row in `num_workers`. 1 means no extra
+    reading.
+    """
+    workers = max(1, num_workers)
+    per_rank, factor = (num_shards // world_size, 1) if num_shards % world_size == 0 else (num_shards, world_size)
+    return factor * (1 if per_rank >= workers else workers)
 
 
 def shuffle_dataset(ds: AnyDataset, seed: int, buffer_size: int = 10_000) -> AnyDataset:
@@ -302,8 +413,13 @@ def shuffle_dataset(ds: AnyDataset, seed: int, buffer_size: int = 10_000) -> Any
 
 __all__ = [
     "FINEVISION_COLUMNS",
+    "check_ranks_agree",
+    "gather_across_ranks",
     "load_finevision",
     "shard_for_rank",
     "shuffle_dataset",
+    "skip_bad_shards",
     "split_train_val",
+    "stream_read_factor",
+    "stream_rows",
 ]

@@ -21,7 +21,7 @@ from ..data.collator import PackedCollator
 from ..data.conversations import RatingThresholds
 from ..data.packing import PackedDataset
 from ..data.samples import SampleBuilder, SampleDataset, SampleStream
-from ..data.sources import load_finevision, shard_for_rank, shuffle_dataset, split_train_val
+from ..data.sources import load_finevision, shard_for_rank, shuffle_dataset, split_train_val, stream_read_factor
 from ..modeling_nanovlm import NanoVLMForConditionalGeneration
 from ..processing_nanovlm import NanoVLMProcessor
 from ..tokenizer import extend_tokenizer, train_tokenizer
@@ -224,6 +224,21 @@ def build_model_and_processor(model_args, train_rows=None):
     return model, build_processor_for(model.config, tokenizer, model_args)
 
 
+def warn_stream_read_factor(num_shards: int, world_size: int, num_workers: int) -> int:
+    """Warn once when a training stream has too few shards for its ranks x workers; returns the read factor."""
+    factor = stream_read_factor(num_shards, world_size, num_workers)
+    if factor > 1:
+        readers = world_size * max(1, num_workers)
+        logger.warning(
+            "The training stream has %d shard(s) for %d rank(s) x %d DataLoader worker(s): whole shards cannot go "
+            "to every reader, so readers read shared shards and keep every k-th row; each row is read %dx from "
+            "storage (not decoded). For one read per row give it a multiple of %d shards (more data files, "
+            "`dataset.reshard()`, or fewer --dataloader_num_workers).",
+            num_shards, world_size, max(1, num_workers), factor, readers,
+        )
+    return factor
+
+
 def build_datasets(data_args, training_args, processor, train_rows, eval_rows):
     """(train PackedDataset, eval PackedDataset or None, collator) over this process's share of the rows."""
     builder = SampleBuilder(
@@ -252,6 +267,8 @@ def build_datasets(data_args, training_args, processor, train_rows, eval_rows):
         )
 
     rank, world = training_args.process_index, training_args.world_size
+    if data_args.streaming and rank == 0:
+        warn_stream_read_factor(train_rows.num_shards, world, training_args.dataloader_num_workers)
     train_rows = shard_for_rank(train_rows, rank, world)
     first = 0
     if data_args.curriculum_split:
