@@ -30,6 +30,7 @@ from nanovlm.training.build import (
     load_rows,
     prepare_synthetic_dataset,
 )
+from nanovlm.training.errors import NonFiniteLossError, UsageError
 from nanovlm.training.parser import parse_args
 from nanovlm.training.plots import plot_training_curves
 from nanovlm.training.trainer import NanoVLMTrainer
@@ -114,4 +115,7 @@ def report_synthetic_accuracy(model, processor, data_args, training_args) -> dic
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (UsageError, NonFiniteLossError) as err:  # a setting to fix or a diverged run: one line, exit status 1
+        raise SystemExit(f"train_accelerate.py: error: {err}") from None

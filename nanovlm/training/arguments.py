@@ -637,7 +637,12 @@ class NanoVLMTrainingArguments(TrainingArguments):
     lmms_eval_max_concurrent: int = field(default=1, metadata={"help": "Local evaluation processes at a time."})
     max_consecutive_nonfinite_losses: int = field(
         default=5,
-        metadata={"help": "Stop training after this many consecutive NaN/inf losses; 0 never stops."},
+        metadata={
+            "help": "A step whose loss is NaN/inf on any process is skipped (no weight or optimizer update) and "
+            "counted in train/nonfinite_steps_skipped; the logged loss is the mean of the logging window's kept "
+            "steps, NaN when all were skipped. A skipped step still counts toward --max_steps and the LR schedule "
+            "advances as on any step. Training stops after this many such steps in a row; 0 never stops."
+        },
     )
     compile: bool = field(
         default=False,

@@ -197,7 +197,21 @@ class NanoVLMTrainer(Trainer):
             for name, lr in getattr(self, "_lrs_in_use", {}).items():
                 logs[f"lr/{name}"] = lr
             logs.update(self._throughput_logs())
+            self._nonfinite_window_loss(logs)
         super().log(logs, start_time)
+
+    def _nonfinite_window_loss(self, logs: dict[str, float]) -> None:
+        """A window with skipped (non-finite) steps logs the mean loss of its kept steps, or NaN when none was kept:
+        Trainer would log 0.0 for them (`logging_nan_inf_filter`) or, without the filter, NaN for every later window
+        (it resets its running sum by subtracting it from itself)."""
+        guard = self.nonfinite_guard
+        skipped = guard.total_skipped - getattr(self, "_skipped_at_last_log", 0)
+        self._skipped_at_last_log = guard.total_skipped
+        if skipped:
+            total = torch.as_tensor(guard.window_loss, dtype=torch.float32, device=self.args.device).reshape(1)
+            total = self.accelerator.gather(total).mean().item()  # as Trainer: the mean over processes
+            logs["loss"] = total / guard.window_steps if guard.window_steps else math.nan
+        guard.reset_window()
 
     def _throughput_logs(self) -> dict[str, float]:
         w = self._window
