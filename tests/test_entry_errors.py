@@ -59,3 +59,57 @@ def test_nonfinite_stop_is_one_line_and_a_nonzero_exit(data, tmp_path):
         "instead of fp16."
     )
     assert "Traceback" not in proc.stderr
+
+
+def test_missing_dataset_path_is_one_line(tmp_path):
+    missing = tmp_path / "no_such_folder"
+    proc = run_entry(["--output_dir", str(tmp_path / "out"), "--dataset_name_or_path", str(missing),
+                      "--synthetic_dataset", "false"], timeout=120)
+    assert proc.returncode == 1
+    assert error_lines(proc) == [
+        f"train_accelerate.py: error: --dataset_name_or_path {missing}: no such file or folder; pass a `save_to_disk` "
+        "folder, a parquet/json file glob such as 'data/*.parquet', or a hub dataset id (org/name), or add "
+        "--synthetic_dataset true to build the synthetic dataset there"
+    ]
+
+
+def test_seq_length_below_one_image_names_seq_length_and_the_image_tokens(data, tmp_path):
+    proc = run_entry(["--output_dir", str(tmp_path), "--dataset_name_or_path", str(data), *SMALL,
+                      "--seq_length", "12", "--max_sample_length", "12"])
+    assert proc.returncode == 1
+    # the demo: 16 image tokens per 64 px tile, plus the chat template around a one-letter question and answer
+    assert error_lines(proc) == [
+        "train_accelerate.py: error: --seq_length 12 and --max_sample_length 12: below the smallest sample with an "
+        "image, 29 tokens (16 image tokens per tile plus the chat template); set --seq_length and "
+        "--max_sample_length to at least 29"
+    ]
+
+
+def test_smallest_image_sample_fits_exactly(tiny_processor):
+    from nanovlm.data import SampleBuilder
+    from nanovlm.training.build import smallest_image_sample_length
+
+    need = smallest_image_sample_length(tiny_processor)
+    assert need > tiny_processor.image_seq_len
+    from PIL import Image
+
+    row = {"images": [Image.new("RGB", (32, 32))], "texts": [{"user": "a", "assistant": "a"}]}
+    assert SampleBuilder(tiny_processor, max_sample_length=need).build(row)[1] is None
+    assert SampleBuilder(tiny_processor, max_sample_length=need - 1).build(row)[1] == "too_long"
+
+
+@pytest.mark.parametrize("word", ["None", "null", "NONE"])
+def test_none_or_null_unsets_an_optional_yaml_value(word, tmp_path):
+    from nanovlm.training.parser import parse_args
+
+    config = ROOT / "configs/train/demo.yaml"
+    _, data_args, training_args = parse_args(
+        ["--config", str(config), "--output_dir", str(tmp_path), "--curriculum_split", word,
+         f"--eval_split={word}", "--val_size", "0", "--bf16", word, "--save_total_limit", word, "--report_to", "none"]
+    )
+    assert data_args.curriculum_split is None and data_args.eval_split is None
+    assert training_args.save_total_limit is None and training_args.bf16 is False  # None resolves to auto (no GPU)
+    assert training_args.report_to == []  # `report_to none` keeps its own meaning: no logger
+    yaml_file = tmp_path / "recipe.yaml"
+    yaml_file.write_text(config.read_text() + f"\ncurriculum_split: {word}\n")
+    assert parse_args(["--config", str(yaml_file)])[1].curriculum_split is None
