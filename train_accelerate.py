@@ -27,6 +27,7 @@ from nanovlm.training.build import (
     build_datasets,
     build_model_and_processor,
     configure_reporting,
+    data_position_settings,
     load_rows,
     prepare_synthetic_dataset,
 )
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=processor,
     )
     trainer.card_info["dataset"] = data_args.dataset_name_or_path
+    trainer.run_settings = data_position_settings(model_args, data_args, training_args)  # checked on resume
     if training_args.lmms_eval_tasks:  # lmms-eval on saved checkpoints, in the background (sbatch or a local process)
         from nanovlm.training.callbacks import LmmsEvalCallback
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -113,3 +114,65 @@ def test_none_or_null_unsets_an_optional_yaml_value(word, tmp_path):
     yaml_file = tmp_path / "recipe.yaml"
     yaml_file.write_text(config.read_text() + f"\ncurriculum_split: {word}\n")
     assert parse_args(["--config", str(yaml_file)])[1].curriculum_split is None
+
+
+def test_resume_with_changed_settings_is_refused_naming_each_unless_the_data_restarts(data, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    base = ["--output_dir", str(out), "--dataset_name_or_path", str(data), *SMALL, "--synthetic_dataset", "false",
+            "--save_steps", "2"]
+    first = run_entry([*base, "--max_steps", "2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = json.loads((out / "checkpoint-2" / "run_settings.json").read_text())
+    assert saved["data"]["seq_length"] == 416 and saved["model"]["text_config.hidden_size"] == 128
+
+    demo_model = yaml.safe_load((ROOT / "configs/train/demo.yaml").read_text())["model_config"]
+    narrower = {**demo_model, "text_config": {**demo_model["text_config"], "hidden_size": 96}}
+    changed = run_entry([*base, "--max_steps", "4", "--resume_from_checkpoint", "true", "--seq_length", "256",
+                         "--max_sample_length", "256", "--model_config", json.dumps(narrower)])
+    assert changed.returncode == 1
+    assert error_lines(changed) == [
+        f"train_accelerate.py: error: --resume_from_checkpoint {out / 'checkpoint-2'}: saved with other settings "
+        "(--max_sample_length 416 -> 256, --seq_length 416 -> 256, model config text_config.head_dim 32 -> 24, "
+        "model config text_config.hidden_size 128 -> 96); its weights only load into the same model: resume with "
+        "the checkpoint's model settings, or start a new --output_dir (--model_name_or_path CHECKPOINT fine-tunes it "
+        "with fresh optimizer and data)"
+    ]
+
+    # --resume_restart_data: the changed data settings are accepted; weights, optimizer and step are resumed
+    restarted = run_entry([*base, "--max_steps", "3", "--resume_from_checkpoint", "true", "--seq_length", "256",
+                           "--max_sample_length", "256", "--resume_restart_data", "true"])
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "the data restarts from its beginning (--resume_restart_data)" in restarted.stderr
+    assert "Restored the data position" not in restarted.stderr
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]
+    assert json.loads((out / "checkpoint-3" / "run_settings.json").read_text())["data"]["seq_length"] == 256
+
+
+def test_resume_with_changed_data_settings_names_the_way_out(tmp_path):
+    from training_helpers import make_trainer, packed_dataset, synthetic_rows, tiny_setup, training_args
+
+    from nanovlm.training.errors import UsageError
+
+    rows = synthetic_rows(24)
+
+    def trainer(seq_length: int, **overrides):
+        model, processor = tiny_setup()
+        args = training_args(tmp_path, **{"max_steps": 2, "save_strategy": "steps", "save_steps": 1, **overrides})
+        result = make_trainer(model, processor, args, packed_dataset(rows, processor, seq_length=seq_length))
+        result.run_settings = {"seq_length": seq_length}
+        return result
+
+    trainer(160, max_steps=1).train()
+    with pytest.raises(UsageError) as refused:
+        trainer(200).train(resume_from_checkpoint=True)
+    assert str(refused.value) == (
+        f"--resume_from_checkpoint {tmp_path / 'checkpoint-1'}: saved with other settings (--seq_length 160 -> 200); "
+        "resume with the checkpoint's settings, or pass --resume_restart_data true to keep its weights, optimizer, LR "
+        "schedule and step but restart the data from its beginning with the new settings"
+    )
+    restarted = trainer(200, resume_restart_data=True, resume_from_checkpoint="true")
+    restarted.train(resume_from_checkpoint=True)
+    assert restarted.state.global_step == 2

@@ -550,6 +550,7 @@ class NanoVLMTrainingArguments(TrainingArguments):
       naming the nanoVLM knob; another ratio or `min_lr_rate` is overwritten with a warning.
     - `eval_interval`: steps between evaluations; sets `eval_steps`, and `save_steps` to the same value, when those
       are not given.
+    - `resume_restart_data`: resume weights, optimizer, schedule and step but restart the data (see its help).
     - `eval_max_batches`, `lmms_eval_tasks`, `lmms_eval_interval`, `max_consecutive_nonfinite_losses`, `compile`
       (sets `torch_compile`), and the LoRA knobs `use_lora`, `lora_r`, `lora_alpha`, `lora_dropout`,
       `lora_target_modules`.
@@ -642,6 +643,15 @@ class NanoVLMTrainingArguments(TrainingArguments):
             "counted in train/nonfinite_steps_skipped; the logged loss is the mean of the logging window's kept "
             "steps, NaN when all were skipped. A skipped step still counts toward --max_steps and the LR schedule "
             "advances as on any step. Training stops after this many such steps in a row; 0 never stops."
+        },
+    )
+    resume_restart_data: bool = field(
+        default=False,
+        metadata={
+            "help": "With --resume_from_checkpoint: restore the model weights, optimizer, LR schedule, RNG and step "
+            "count but NOT the data position: the data restarts from its beginning, so data/packing settings "
+            "(--seq_length, --dataset_name_or_path, the number of processes, ...) may differ from the checkpoint's. "
+            "The model settings must still match. Without it, a resume with changed settings is refused."
         },
     )
     compile: bool = field(
@@ -755,6 +765,12 @@ class NanoVLMTrainingArguments(TrainingArguments):
         if not _is_number(self.lmms_eval_await_timeout) or self.lmms_eval_await_timeout < 0:
             errors.append(f"--lmms_eval_await_timeout must be a number >= 0: got {self.lmms_eval_await_timeout!r}")
         _check_int(errors, "max_consecutive_nonfinite_losses", self.max_consecutive_nonfinite_losses, 0)
+        _check_bool(errors, "resume_restart_data", self.resume_restart_data)
+        if self.resume_restart_data is True and self.resume_from_checkpoint in (None, "", "false", "False"):
+            errors.append(
+                "--resume_restart_data needs a checkpoint to resume from: got no --resume_from_checkpoint; pass "
+                "--resume_from_checkpoint true (the last in --output_dir) or a checkpoint folder"
+            )
         for name in ("compile", "use_lora"):
             _check_bool(errors, name, getattr(self, name))
         _check_int(errors, "lora_r", self.lora_r, 1)

@@ -327,6 +327,27 @@ def build_datasets(data_args, training_args, processor, train_rows, eval_rows):
     return train, evaluation, collator
 
 
+# Flags that fix which rows a checkpoint's data position points at and how they were tokenized and packed: a resume
+# that changes one of them would continue from a position in different data (see NanoVLMTrainer.run_settings).
+DATA_POSITION_FLAGS = {
+    "data": (
+        "dataset_name_or_path", "dataset_configs", "train_split", "curriculum_split", "streaming", "val_size",
+        "eval_split", "max_sample_length", "max_images_per_example", "max_images_per_knapsack", "seq_length",
+        "pack_buffer_size", "max_image_pixels", "min_relevance_rating", "min_image_correspondence_rating",
+        "min_visual_dependency_rating", "min_formatting_rating",
+    ),
+    "model": ("tile_size", "max_image_size", "max_grid", "upscale_images"),  # tokens per image
+    "training": ("seed", "dataloader_num_workers"),  # the shuffle; the pack state is kept per DataLoader worker
+}
+
+
+def data_position_settings(model_args, data_args, training_args) -> dict:
+    """{flag: value} of the settings that define the data position and the packing (DATA_POSITION_FLAGS); the
+    trainer saves them with every checkpoint and compares them on resume."""
+    sources = {"data": data_args, "model": model_args, "training": training_args}
+    return {name: getattr(sources[kind], name) for kind, names in DATA_POSITION_FLAGS.items() for name in names}
+
+
 def configure_reporting(model_args, data_args, training_args) -> None:
     """nanoVLM-style run name unless one is given; wandb in offline mode (files under the output dir) when no API
     key is configured, so a run without network never blocks on a login prompt."""
@@ -344,4 +365,4 @@ def configure_reporting(model_args, data_args, training_args) -> None:
                         training_args.output_dir)
 
 
-__all__ = ["init_vision_positions_sincos", "sincos_position_grid", "configure_reporting", "prepare_synthetic_dataset", "load_rows", "build_model_and_processor", "build_datasets", "build_processor_for", "iter_texts"]
+__all__ = ["data_position_settings", "check_sample_fits", "smallest_image_sample_length", "init_vision_positions_sincos", "sincos_position_grid", "configure_reporting", "prepare_synthetic_dataset", "load_rows", "build_model_and_processor", "build_datasets", "build_processor_for", "iter_texts"]
