@@ -26,6 +26,7 @@ from transformers import set_seed
 from nanovlm.training.build import (
     build_datasets,
     build_model_and_processor,
+    check_fsdp_device,
     configure_reporting,
     data_position_settings,
     load_rows,
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"train_accelerate.py: error: {err}") from None
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
+    check_fsdp_device(training_args)
     configure_reporting(model_args, data_args, training_args)
 
     prepare_synthetic_dataset(data_args, training_args)

@@ -176,3 +176,22 @@ def test_resume_with_changed_data_settings_names_the_way_out(tmp_path):
     restarted = trainer(200, resume_restart_data=True, resume_from_checkpoint="true")
     restarted.train(resume_from_checkpoint=True)
     assert restarted.state.global_step == 2
+
+
+def test_fsdp_config_without_a_gpu_stops_at_start_instead_of_becoming_ddp(tmp_path):
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml` here (no GPU): Accelerate has no FSDP on CPU
+    and would train with DDP without a word; the entry point stops with one line (accelerate's launcher then
+    reports the failed child in its own words)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/fsdp.yaml"), "--num_processes", "1", str(ROOT / "train_accelerate.py"),
+           "--config", str(ROOT / "configs/train/demo.yaml"), "--output_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("train_accelerate.py")]
+    assert ours == [
+        "train_accelerate.py: error: FSDP (configs/accelerate/fsdp.yaml or --fsdp) needs GPUs: this run is on CPU, "
+        "where Accelerate has no FSDP and would silently train with DDP; on CPU launch with "
+        "configs/accelerate/cpu_2proc.yaml (DDP), or run FSDP on a machine with GPUs"
+    ]
+    assert not (tmp_path / "checkpoint-1").exists()

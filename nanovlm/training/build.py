@@ -348,6 +348,19 @@ def data_position_settings(model_args, data_args, training_args) -> dict:
     return {name: getattr(sources[kind], name) for kind, names in DATA_POSITION_FLAGS.items() for name in names}
 
 
+def check_fsdp_device(training_args) -> None:
+    """FSDP (`accelerate launch --config_file configs/accelerate/fsdp.yaml`, or `--fsdp`) needs an accelerator:
+    Accelerate shards only on GPUs (its CPU mode has no FSDP) and would otherwise train with DDP, every process
+    holding the whole model, without a word. Raises a one-line `UsageError` instead."""
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
+    if wants_fsdp and (training_args.use_cpu or not torch.accelerator.is_available()):
+        raise UsageError(
+            "FSDP (configs/accelerate/fsdp.yaml or --fsdp) needs GPUs: this run is on CPU, where Accelerate has no "
+            "FSDP and would silently train with DDP; on CPU launch with configs/accelerate/cpu_2proc.yaml (DDP), or "
+            "run FSDP on a machine with GPUs"
+        )
+
+
 def configure_reporting(model_args, data_args, training_args) -> None:
     """nanoVLM-style run name unless one is given; wandb in offline mode (files under the output dir) when no API
     key is configured, so a run without network never blocks on a login prompt."""
@@ -365,4 +378,4 @@ def configure_reporting(model_args, data_args, training_args) -> None:
                         training_args.output_dir)
 
 
-__all__ = ["data_position_settings", "check_sample_fits", "smallest_image_sample_length", "init_vision_positions_sincos", "sincos_position_grid", "configure_reporting", "prepare_synthetic_dataset", "load_rows", "build_model_and_processor", "build_datasets", "build_processor_for", "iter_texts"]
+__all__ = ["check_fsdp_device", "data_position_settings", "check_sample_fits", "smallest_image_sample_length", "init_vision_positions_sincos", "sincos_position_grid", "configure_reporting", "prepare_synthetic_dataset", "load_rows", "build_model_and_processor", "build_datasets", "build_processor_for", "iter_texts"]
