@@ -195,3 +195,11 @@ def test_fsdp_config_without_a_gpu_stops_at_start_instead_of_becoming_ddp(tmp_pa
         "configs/accelerate/cpu_2proc.yaml (DDP), or run FSDP on a machine with GPUs"
     ]
     assert not (tmp_path / "checkpoint-1").exists()
+
+
+def test_one_invalid_argument_is_one_line(tmp_path):
+    from nanovlm.training.parser import parse_args
+
+    with pytest.raises(ValueError) as info:
+        parse_args(["--config", str(ROOT / "configs/train/demo.yaml"), "--output_dir", str(tmp_path), "--lr_mp", "-1"])
+    assert str(info.value) == "--lr_mp must be a finite number >= 0 (0 freezes that module): got -1.0"

@@ -38,12 +38,15 @@ MIN_TOKENIZER_VOCAB_SIZE = 259  # 256 bytes + the three ChatML tokens, see `nano
 
 
 class ArgumentsError(ValueError):
-    """Invalid arguments; `errors` holds one line per problem, each naming the CLI flag, the value and the fix."""
+    """Invalid arguments; `errors` holds one line per problem, each naming the CLI flag, the value and the fix. The
+    message is that line for one problem, else "N invalid arguments:" and one indented line per problem."""
 
     def __init__(self, errors: list[str]):
         self.errors = list(errors)
-        count = f"{len(self.errors)} invalid argument{'s' if len(self.errors) != 1 else ''}"
-        super().__init__(count + ":\n" + "\n".join(f"  {error}" for error in self.errors))
+        if len(self.errors) == 1:
+            super().__init__(self.errors[0])
+        else:
+            super().__init__(f"{len(self.errors)} invalid arguments:\n" + "\n".join(f"  {e}" for e in self.errors))
 
 
 # --------------------------------------------------------------------------------------------------------------
