@@ -26,10 +26,13 @@ from transformers import set_seed
 from nanovlm.training.build import (
     build_datasets,
     build_model_and_processor,
+    check_fsdp_device,
     configure_reporting,
+    data_position_settings,
     load_rows,
     prepare_synthetic_dataset,
 )
+from nanovlm.training.errors import NonFiniteLossError, UsageError
 from nanovlm.training.parser import parse_args
 from nanovlm.training.plots import plot_training_curves
 from nanovlm.training.trainer import NanoVLMTrainer
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"train_accelerate.py: error: {err}") from None
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(training_args.seed)
+    check_fsdp_device(training_args)
     configure_reporting(model_args, data_args, training_args)
 
     prepare_synthetic_dataset(data_args, training_args)
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=processor,
     )
     trainer.card_info["dataset"] = data_args.dataset_name_or_path
+    trainer.run_settings = data_position_settings(model_args, data_args, training_args)  # checked on resume
     if training_args.lmms_eval_tasks:  # lmms-eval on saved checkpoints, in the background (sbatch or a local process)
         from nanovlm.training.callbacks import LmmsEvalCallback
 
@@ -114,4 +119,7 @@ def report_synthetic_accuracy(model, processor, data_args, training_args) -> dic
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (UsageError, NonFiniteLossError) as err:  # a setting to fix or a diverged run: one line, exit status 1
+        raise SystemExit(f"train_accelerate.py: error: {err}") from None

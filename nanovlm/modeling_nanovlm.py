@@ -173,6 +173,20 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         flat = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), flat)
 
+    def add_zero_image_contribution(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """`inputs_embeds` plus 0 x (the vision tower and projector run on one blank tile), when either has trainable
+        parameters. Used in training for a batch without images: under DDP or FSDP every process must produce a
+        gradient for every trainable parameter in every step, or the others wait forever in the gradient all-reduce
+        (nanoVLM's train.py guards the same case). The values are unchanged (x + 0.0) and the gradients added are
+        exactly 0, so the step equals the one without the blank tile; it costs one tile's forward and backward."""
+        image_path = (*self.vision_tower.parameters(), *self.multi_modal_projector.parameters())
+        if not any(param.requires_grad for param in image_path):
+            return inputs_embeds
+        size = self.config.vision_config.image_size
+        blank = torch.zeros(1, 3, size, size, device=inputs_embeds.device, dtype=self.vision_tower.dtype)
+        features = self.get_image_features(blank)  # (1, image_seq_len, H_text)
+        return inputs_embeds + 0.0 * features.sum().to(inputs_embeds.dtype)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -195,13 +209,16 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         if pixel_values is not None and pixel_values.numel() > 0:
             image_features = self.get_image_features(pixel_values)
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
-        elif input_ids is not None and self.config.image_token_id is not None:
-            n_tokens = int((input_ids == self.config.image_token_id).sum())
-            if n_tokens and past_key_values is None:
-                raise ValueError(
-                    f"Image tokens and image features do not match: image tokens: {n_tokens}, image features: 0. "
-                    "Pass the pixel_values the processor returned."
-                )
+        else:
+            if input_ids is not None and self.config.image_token_id is not None:
+                n_tokens = int((input_ids == self.config.image_token_id).sum())
+                if n_tokens and past_key_values is None:
+                    raise ValueError(
+                        f"Image tokens and image features do not match: image tokens: {n_tokens}, image features: 0. "
+                        "Pass the pixel_values the processor returned."
+                    )
+            if self.training and torch.is_grad_enabled():
+                inputs_embeds = self.add_zero_image_contribution(inputs_embeds)
 
         outputs = self.language_model(
             attention_mask=attention_mask,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from training_helpers import make_trainer, packed_dataset, synthetic_rows, tiny_setup, training_args
 from transformers import TrainerCallback
 
+from nanovlm.training.errors import NonFiniteLossError
 from nanovlm.training.optim import nanovlm_lr_factor, part_of
 from nanovlm.training.trainer import last_complete_checkpoint
 
@@ -198,12 +200,30 @@ def test_nonfinite_loss_steps_are_skipped_then_training_stops(rows, tmp_path):
             snapshots.append(copy.deepcopy(model.model.multi_modal_projector.proj.weight.detach()))
 
     trainer.add_callback(Snapshot())
-    with pytest.raises(RuntimeError, match=r"stopped at step 7: the loss was NaN/inf for 3 consecutive steps"):
+    with pytest.raises(NonFiniteLossError, match=r"stopped at step 7: the loss was NaN/inf for 3 consecutive steps"):
         trainer.train()
     assert trainer.nonfinite_guard.total_skipped == 4
     # a skipped step leaves the weights as they were; a good step changes them
     assert torch.equal(snapshots[2], snapshots[1]) and not torch.equal(snapshots[3], snapshots[2])
     assert torch.isfinite(snapshots[-1]).all()
+    # skipped steps are logged as NaN (not 0.0) and counted; the LR schedule advances on them like on any step
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert [math.isnan(e["loss"]) for e in logs] == [False, False, True, False, True, True]
+    skipped = [next(v for k, v in e.items() if k.endswith("nonfinite_steps_skipped")) for e in logs]
+    assert skipped == [0, 0, 1, 1, 2, 3]
+    assert [e["lr/projector"] for e in logs] == pytest.approx([1e-3 * nanovlm_lr_factor(s, 8) for s in range(6)])
+
+
+def test_zero_max_consecutive_nonfinite_losses_never_stops(rows, tmp_path):
+    model, processor = tiny_setup()
+    args = training_args(tmp_path, max_steps=3, max_consecutive_nonfinite_losses=0)
+    trainer = make_trainer(model, processor, args, packed_dataset(rows, processor))
+    original = trainer.compute_loss
+    trainer.compute_loss = lambda *a, **k: original(*a, **k) * float("nan")
+    before = copy.deepcopy(model.state_dict())
+    trainer.train()
+    assert trainer.state.global_step == 3 and trainer.nonfinite_guard.total_skipped == 3
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_validation_loss_is_token_weighted_over_the_whole_set(rows, tmp_path):

@@ -32,6 +32,11 @@ def synthetic_rows(n: int, seed: int = 0):
     return generate_split(n, "train", seed=seed, config=SyntheticConfig(image_size=32))
 
 
+def without_images(rows):
+    """The same rows with `images: []` (text-only; the questions still mention images, which the pipeline accepts)."""
+    return rows.map(lambda row: {"images": []})
+
+
 def packed_dataset(rows, processor, *, seq_length: int = 160, infinite: bool = True, rank: int = 0, world: int = 1):
     builder = SampleBuilder(processor, max_sample_length=seq_length, max_images_per_example=3)
     source = SampleDataset(shard_for_rank(rows, rank, world), builder, seed=0)

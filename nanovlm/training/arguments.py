@@ -39,12 +39,15 @@ MIN_TOKENIZER_VOCAB_SIZE = 259  # 256 bytes + the three ChatML tokens, see `nano
 
 
 class ArgumentsError(ValueError):
-    """Invalid arguments; `errors` holds one line per problem, each naming the CLI flag, the value and the fix."""
+    """Invalid arguments; `errors` holds one line per problem, each naming the CLI flag, the value and the fix. The
+    message is that line for one problem, else "N invalid arguments:" and one indented line per problem."""
 
     def __init__(self, errors: list[str]):
         self.errors = list(errors)
-        count = f"{len(self.errors)} invalid argument{'s' if len(self.errors) != 1 else ''}"
-        super().__init__(count + ":\n" + "\n".join(f"  {error}" for error in self.errors))
+        if len(self.errors) == 1:
+            super().__init__(self.errors[0])
+        else:
+            super().__init__(f"{len(self.errors)} invalid arguments:\n" + "\n".join(f"  {e}" for e in self.errors))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -555,6 +558,7 @@ class NanoVLMTrainingArguments(TrainingArguments):
       the whole optimizer step; "micro_batch_mean" is the original's mean per micro-batch / accumulation steps.
     - `eval_interval`: steps between evaluations; sets `eval_steps`, and `save_steps` to the same value, when those
       are not given.
+    - `resume_restart_data`: resume weights, optimizer, schedule and step but restart the data (see its help).
     - `eval_max_batches`, `lmms_eval_tasks`, `lmms_eval_interval`, `max_consecutive_nonfinite_losses`, `compile`
       (sets `torch_compile`), and the LoRA knobs `use_lora`, `lora_r`, `lora_alpha`, `lora_dropout`,
       `lora_target_modules`.
@@ -659,7 +663,21 @@ class NanoVLMTrainingArguments(TrainingArguments):
     lmms_eval_max_concurrent: int = field(default=1, metadata={"help": "Local evaluation processes at a time."})
     max_consecutive_nonfinite_losses: int = field(
         default=5,
-        metadata={"help": "Stop training after this many consecutive NaN/inf losses; 0 never stops."},
+        metadata={
+            "help": "A step whose loss is NaN/inf on any process is skipped (no weight or optimizer update) and "
+            "counted in train/nonfinite_steps_skipped; the logged loss is the mean of the logging window's kept "
+            "steps, NaN when all were skipped. A skipped step still counts toward --max_steps and the LR schedule "
+            "advances as on any step. Training stops after this many such steps in a row; 0 never stops."
+        },
+    )
+    resume_restart_data: bool = field(
+        default=False,
+        metadata={
+            "help": "With --resume_from_checkpoint: restore the model weights, optimizer, LR schedule, RNG and step "
+            "count but NOT the data position: the data restarts from its beginning, so data/packing settings "
+            "(--seq_length, --dataset_name_or_path, the number of processes, ...) may differ from the checkpoint's. "
+            "The model settings must still match. Without it, a resume with changed settings is refused."
+        },
     )
     compile: bool = field(
         default=False,
@@ -781,6 +799,12 @@ class NanoVLMTrainingArguments(TrainingArguments):
         if not _is_number(self.lmms_eval_await_timeout) or self.lmms_eval_await_timeout < 0:
             errors.append(f"--lmms_eval_await_timeout must be a number >= 0: got {self.lmms_eval_await_timeout!r}")
         _check_int(errors, "max_consecutive_nonfinite_losses", self.max_consecutive_nonfinite_losses, 0)
+        _check_bool(errors, "resume_restart_data", self.resume_restart_data)
+        if self.resume_restart_data is True and self.resume_from_checkpoint in (None, "", "false", "False"):
+            errors.append(
+                "--resume_restart_data needs a checkpoint to resume from: got no --resume_from_checkpoint; pass "
+                "--resume_from_checkpoint true (the last in --output_dir) or a checkpoint folder"
+            )
         for name in ("compile", "use_lora"):
             _check_bool(errors, name, getattr(self, name))
         _check_int(errors, "lora_r", self.lora_r, 1)

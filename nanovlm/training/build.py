@@ -5,10 +5,12 @@ Kept out of `train_accelerate.py` so each piece is importable and tested on its 
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from ..data.sources import load_finevision, shard_for_rank, shuffle_dataset, spl
 from ..modeling_nanovlm import NanoVLMForConditionalGeneration
 from ..processing_nanovlm import NanoVLMProcessor
 from ..tokenizer import extend_tokenizer, train_tokenizer
+from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ def _check_existing_synthetic(path: Path, data_args, training_args) -> None:
         if record.get(key) != value
     ]
     if differences:
-        raise ValueError(
+        raise UsageError(
             f"The synthetic dataset in {path} was built with other settings ({'; '.join(differences)}). Delete the "
             "folder to rebuild it, or point --dataset_name_or_path at a new folder."
         )
@@ -102,18 +105,44 @@ def prepare_synthetic_dataset(data_args, training_args) -> None:
             )
 
 
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "name" or "org/name", as the Hub spells dataset ids
+
+
+def check_dataset_path(path: str) -> None:
+    """Raise a one-line `UsageError` when `--dataset_name_or_path` is a local path (or glob) that matches nothing;
+    a hub id is left to `load_finevision`."""
+    if os.path.exists(path) or (_HUB_ID.match(path) and not path.startswith(".")):
+        return
+    if any(char in path for char in "*?[") and glob.glob(path):
+        return
+    raise UsageError(
+        f"--dataset_name_or_path {path}: no such file or folder; pass a `save_to_disk` folder, a parquet/json file "
+        "glob such as 'data/*.parquet', or a hub dataset id (org/name), or add --synthetic_dataset true to build the "
+        "synthetic dataset there"
+    )
+
+
+def _load_split(data_args, split: str, streaming: bool | None = None):
+    """`load_finevision` of one split; its every-config-failed error becomes one line naming the flags."""
+    streaming = data_args.streaming if streaming is None else streaming
+    try:
+        return load_finevision(data_args.dataset_name_or_path, data_args.dataset_configs, split=split,
+                               streaming=streaming)
+    except ValueError as err:
+        detail = " ".join(str(err).split())  # its per-config list, on one line
+        raise UsageError(
+            f"--dataset_name_or_path {data_args.dataset_name_or_path} (--dataset_configs {data_args.dataset_configs}, "
+            f"split {split!r}): {detail}"
+        ) from err
+
+
 def load_rows(data_args, training_args):
     """(train rows, eval rows or None): loaded, held out and (streaming) shuffled, NOT yet split by process: the
     tokenizer is trained on the same rows in every process; `build_datasets` takes each process's share."""
-    rows = load_finevision(
-        data_args.dataset_name_or_path, data_args.dataset_configs, split=data_args.train_split,
-        streaming=data_args.streaming,
-    )
+    check_dataset_path(data_args.dataset_name_or_path)
+    rows = _load_split(data_args, data_args.train_split)
     if data_args.eval_split:
-        eval_rows = load_finevision(
-            data_args.dataset_name_or_path, data_args.dataset_configs, split=data_args.eval_split,
-            streaming=data_args.streaming,
-        )
+        eval_rows = _load_split(data_args, data_args.eval_split)
         if data_args.val_size and not data_args.streaming and data_args.val_size < len(eval_rows):
             eval_rows = eval_rows.select(range(data_args.val_size))
     else:
@@ -239,8 +268,38 @@ def warn_stream_read_factor(num_shards: int, world_size: int, num_workers: int) 
     return factor
 
 
+def smallest_image_sample_length(processor: NanoVLMProcessor) -> int:
+    """Tokens of the shortest sample that has an image: one single-tile image, a one-letter question and a one-letter
+    answer in the chat template. Built by the real SampleBuilder, so it follows the template and the image blocks."""
+    from PIL import Image
+
+    builder = SampleBuilder(processor, max_sample_length=None, max_images_per_example=None)
+    side = processor.image_processor.tile_size
+    row = {"images": [Image.new("RGB", (side, side))], "texts": [{"user": "a", "assistant": "a"}]}
+    sample, reason = builder.build(row)
+    if sample is None:  # cannot happen with a working processor; say so rather than validate nothing
+        raise RuntimeError(f"could not build the smallest image sample: {reason}")
+    return int(sample["input_ids"].numel())
+
+
+def check_sample_fits(data_args, processor: NanoVLMProcessor) -> None:
+    """Raise a one-line `UsageError` when the smallest sample with an image exceeds `--max_sample_length` or
+    `--seq_length`: every image sample would be skipped as too long and the loader would find nothing to pack."""
+    need = smallest_image_sample_length(processor)
+    short = [f"--{name} {getattr(data_args, name)}" for name in ("seq_length", "max_sample_length")
+             if getattr(data_args, name) < need]
+    if short:
+        raise UsageError(
+            f"{' and '.join(short)}: below the smallest sample with an image, {need} tokens ({processor.image_seq_len} "
+            f"image tokens per tile plus the chat template); set --seq_length and --max_sample_length to at least "
+            f"{need}"
+        )
+
+
 def build_datasets(data_args, training_args, processor, train_rows, eval_rows):
-    """(train PackedDataset, eval PackedDataset or None, collator) over this process's share of the rows."""
+    """(train PackedDataset, eval PackedDataset or None, collator) over this process's share of the rows.
+    Raises `UsageError` when no sample with an image fits `--seq_length` / `--max_sample_length`."""
+    check_sample_fits(data_args, processor)
     builder = SampleBuilder(
         processor,
         thresholds=RatingThresholds(
@@ -273,12 +332,7 @@ def build_datasets(data_args, training_args, processor, train_rows, eval_rows):
     first = 0
     if data_args.curriculum_split:
         # Each rank gets its share of both splits, so every rank starts with curriculum rows.
-        curriculum = shard_for_rank(
-            load_finevision(
-                data_args.dataset_name_or_path, data_args.dataset_configs, split=data_args.curriculum_split
-            ),
-            rank, world,
-        )
+        curriculum = shard_for_rank(_load_split(data_args, data_args.curriculum_split, streaming=False), rank, world)
         train_rows, first = datasets.concatenate_datasets([curriculum, train_rows]), len(curriculum)
         logger.info("Curriculum: the first epoch reads %d %s rows before the %d %s rows", first,
                     data_args.curriculum_split, len(train_rows) - first, data_args.train_split)
@@ -288,6 +342,40 @@ def build_datasets(data_args, training_args, processor, train_rows, eval_rows):
         evaluation = packed(shard_for_rank(eval_rows, rank, world), infinite=False, seed=None)
     collator = PackedCollator(processor.tokenizer.pad_token_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
     return train, evaluation, collator
+
+
+# Flags that fix which rows a checkpoint's data position points at and how they were tokenized and packed: a resume
+# that changes one of them would continue from a position in different data (see NanoVLMTrainer.run_settings).
+DATA_POSITION_FLAGS = {
+    "data": (
+        "dataset_name_or_path", "dataset_configs", "train_split", "curriculum_split", "streaming", "val_size",
+        "eval_split", "max_sample_length", "max_images_per_example", "max_images_per_knapsack", "seq_length",
+        "pack_buffer_size", "max_image_pixels", "min_relevance_rating", "min_image_correspondence_rating",
+        "min_visual_dependency_rating", "min_formatting_rating",
+    ),
+    "model": ("tile_size", "max_image_size", "max_grid", "upscale_images"),  # tokens per image
+    "training": ("seed", "dataloader_num_workers"),  # the shuffle; the pack state is kept per DataLoader worker
+}
+
+
+def data_position_settings(model_args, data_args, training_args) -> dict:
+    """{flag: value} of the settings that define the data position and the packing (DATA_POSITION_FLAGS); the
+    trainer saves them with every checkpoint and compares them on resume."""
+    sources = {"data": data_args, "model": model_args, "training": training_args}
+    return {name: getattr(sources[kind], name) for kind, names in DATA_POSITION_FLAGS.items() for name in names}
+
+
+def check_fsdp_device(training_args) -> None:
+    """FSDP (`accelerate launch --config_file configs/accelerate/fsdp.yaml`, or `--fsdp`) needs an accelerator:
+    Accelerate shards only on GPUs (its CPU mode has no FSDP) and would otherwise train with DDP, every process
+    holding the whole model, without a word. Raises a one-line `UsageError` instead."""
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
+    if wants_fsdp and (training_args.use_cpu or not torch.accelerator.is_available()):
+        raise UsageError(
+            "FSDP (configs/accelerate/fsdp.yaml or --fsdp) needs GPUs: this run is on CPU, where Accelerate has no "
+            "FSDP and would silently train with DDP; on CPU launch with configs/accelerate/cpu_2proc.yaml (DDP), or "
+            "run FSDP on a machine with GPUs"
+        )
 
 
 def configure_reporting(model_args, data_args, training_args) -> None:
@@ -307,4 +395,4 @@ def configure_reporting(model_args, data_args, training_args) -> None:
                         training_args.output_dir)
 
 
-__all__ = ["init_vision_positions_sincos", "sincos_position_grid", "configure_reporting", "prepare_synthetic_dataset", "load_rows", "build_model_and_processor", "build_datasets", "build_processor_for", "iter_texts"]
+__all__ = ["check_fsdp_device", "data_position_settings", "check_sample_fits", "smallest_image_sample_length", "init_vision_positions_sincos", "sincos_position_grid", "configure_reporting", "prepare_synthetic_dataset", "load_rows", "build_model_and_processor", "build_datasets", "build_processor_for", "iter_texts"]

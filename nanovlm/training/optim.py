@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from .errors import NonFiniteLossError
+
 logger = logging.getLogger(__name__)
 
 # Module-path markers of the three parts; a parameter matching none belongs to the language model (lm_head, ...).
@@ -99,10 +101,18 @@ def nanovlm_scheduler(
 
 
 class NonFiniteGuard:
-    """Skips optimizer steps whose accumulated loss was NaN/inf; stops after `max_consecutive` in a row.
+    """Skips optimizer steps whose accumulated loss was NaN/inf; stops after `max_consecutive` in a row (0: never).
+
+    A skipped step still counts as a step: Trainer advances `global_step` and the LR schedule as usual, so the
+    schedule stays a function of the step number (a resumed run and `--max_steps` agree with it); only the weights and
+    the optimizer's moments are left untouched.
 
     `observe(loss)` records (on device, no host sync) whether a micro-batch loss was non-finite; the optimizer asks
     `should_skip()` once per step, which syncs the flag across processes so every rank skips together.
+
+    It also sums the losses of the steps that were NOT skipped (`window_loss`, `window_steps`), so that a logging
+    window containing a skipped step reports the mean over its finite steps, or NaN when all were skipped, instead
+    of Trainer's 0.0 (see `NanoVLMTrainer.log`).
     """
 
     def __init__(self, max_consecutive: int, step_fn: Callable[[], int], sync: Callable[[torch.Tensor], torch.Tensor]):
@@ -112,23 +122,36 @@ class NonFiniteGuard:
         self.flag: torch.Tensor | None = None
         self.consecutive = 0
         self.total_skipped = 0
+        self.step_loss: torch.Tensor | float = 0.0  # this step's micro-batch losses so far (non-finite ones as 0)
+        self.window_loss: torch.Tensor | float = 0.0  # summed losses of the kept steps since `reset_window`
+        self.window_steps = 0
 
     def observe(self, loss: torch.Tensor) -> None:
-        bad = (~torch.isfinite(loss.detach())).any().float()
+        loss = loss.detach()
+        finite = torch.isfinite(loss)
+        bad = (~finite).any().float()
         self.flag = bad if self.flag is None else torch.maximum(self.flag, bad)
+        self.step_loss = self.step_loss + torch.where(finite, loss, torch.zeros_like(loss)).sum()
+
+    def reset_window(self) -> None:
+        """Start a new logging window (after the trainer logged)."""
+        self.window_loss, self.window_steps = 0.0, 0
 
     def should_skip(self) -> bool:
         flag, self.flag = self.flag, None
+        step_loss, self.step_loss = self.step_loss, 0.0
         skip = flag is not None and bool(self.sync(flag).max().item() > 0)
         if not skip:
             self.consecutive = 0
+            self.window_loss = self.window_loss + step_loss
+            self.window_steps += 1
             return False
         self.consecutive += 1
         self.total_skipped += 1
         step = self.step_fn() + 1
         logger.warning("Non-finite loss at step %d: optimizer step skipped (%d in a row).", step, self.consecutive)
-        if self.consecutive >= self.max_consecutive:
-            raise RuntimeError(
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            raise NonFiniteLossError(
                 f"Training stopped at step {step}: the loss was NaN/inf for {self.consecutive} consecutive steps "
                 f"(--max_consecutive_nonfinite_losses {self.max_consecutive}). Lower the learning rates, check the "
                 "data of these steps, or use bf16 instead of fp16."

@@ -11,6 +11,8 @@ list-valued fields lists. Unlike plain `HfArgumentParser`:
 - YAML values are converted and checked like CLI strings (`lr_mp: abc` fails naming `lr_mp` and the file);
 - booleans parse from YAML (`true`/`false`) and CLI (`--compile false`, `--compile true`, bare `--compile`), also for
   optional booleans such as `--bf16`;
+- `null` / `none` (any case) unset an optional field, from the CLI or the YAML (`--curriculum_split none` drops the
+  demo's curriculum), except `report_to`, where "none" names no logger;
 - parse and validation errors raise `ValueError` (`ArgumentsError` lists every invalid value of all three
   dataclasses at once) instead of exiting, so callers and tests see the message;
 - `--output_dir` is required, from the YAML or the CLI;
@@ -38,6 +40,9 @@ from .arguments import ArgumentsError, DataArguments, ModelArguments, NanoVLMTra
 logger = logging.getLogger(__name__)
 
 DATACLASS_TYPES = (ModelArguments, DataArguments, NanoVLMTrainingArguments)
+# Optional fields whose "none" is a value of its own, not "unset": Trainer's `report_to none` means no logger.
+NONE_IS_A_VALUE = frozenset({"report_to"})
+NONE_WORDS = ("none", "null")
 
 
 def _type_allows(hint: Any, kind: type) -> bool:
@@ -126,6 +131,8 @@ class NanoVLMArgumentParser(HfArgumentParser):
     def _convert(self, key: str, value: Any) -> Any:
         """Convert one YAML value with the type (and choices) of its CLI flag; nested mappings/lists where allowed."""
         hint, action = self.field_types[key], self._actions_by_dest[key]
+        if isinstance(value, str) and value.strip().lower() in NONE_WORDS and self._unsets_none(key):
+            value = None
         if value is None:
             if _type_allows_none(hint):
                 return None
@@ -178,7 +185,10 @@ class NanoVLMArgumentParser(HfArgumentParser):
         pre_namespace, _ = pre.parse_known_args(argv)
         from_yaml = {} if pre_namespace.config is None else self.load_config(pre_namespace.config)
         self.set_defaults(**from_yaml)
-        namespace, remaining = self.parse_known_args(argv)
+        argv_without_none, unset = self._pop_none_flags(argv)
+        namespace, remaining = self.parse_known_args(argv_without_none)
+        for name in unset:
+            setattr(namespace, name, None)
         if remaining:
             self._unknown(remaining)
         values = vars(namespace)
@@ -201,6 +211,27 @@ class NanoVLMArgumentParser(HfArgumentParser):
             raise ArgumentsError(errors)
         model_args, data_args, training_args = outputs
         return model_args, data_args, training_args
+
+    def _unsets_none(self, name: str) -> bool:
+        """Whether `null` / `none` unsets field `name` (an optional field where "none" is not a value of its own)."""
+        hint = self.field_types.get(name)
+        return hint is not None and name not in NONE_IS_A_VALUE and _type_allows_none(hint)
+
+    def _pop_none_flags(self, argv: list[str]) -> tuple[list[str], set[str]]:
+        """(argv without `--flag none` / `--flag=null` (any case) of optional fields, the fields they unset).
+        Taken out before argparse, whose int/float/bool converters would reject the word."""
+        kept, unset, i = [], set(), 0
+        while i < len(argv):
+            flag, eq, inline = argv[i].partition("=")
+            action = self._option_string_actions.get(flag) if flag.startswith("--") else None
+            value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+            if action is not None and self._unsets_none(action.dest) and str(value).strip().lower() in NONE_WORDS:
+                unset.add(action.dest)
+                i += 1 if eq else 2
+                continue
+            kept.append(argv[i])
+            i += 1
+        return kept, unset
 
     def _flags_given(self, argv: Sequence[str]) -> set[str]:
         """Destinations of the flags present in `argv`."""

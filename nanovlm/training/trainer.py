@@ -12,7 +12,9 @@ What it overrides, and why (everything else is Trainer's):
 - `evaluate`: token-weighted validation loss over the whole held-out set (Trainer averages per batch).
 - `_save_checkpoint` / `train`: the packed dataset's position is saved with every checkpoint (before
   trainer_state.json, which Trainer writes last: a checkpoint without a readable trainer_state.json is incomplete
-  and never resumed from), and restored on resume instead of replaying batches.
+  and never resumed from), and restored on resume instead of replaying batches. So are the settings that define
+  that position and the model (`run_settings.json`): a resume with other settings is refused, naming each one, unless
+  `--resume_restart_data` restarts the data deliberately.
 - `save_model` / `create_model_card`: every save writes the run's `training_info.json` (steps, losses, data, LRs,
   LoRA settings, the entry point's results.json) and the NanoVLM model card (README.md, model_card_nanovlm.py),
   which `push_to_hub` uploads instead of Trainer's generic card. A PEFT (LoRA) model is saved as its adapter.
@@ -36,12 +38,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.packing import PackedDataset, combine_pack_states
 from ..model_card_nanovlm import save_training_info, write_model_card
+from .errors import UsageError
 from .flops import estimate_flops, peak_flops
 from .optim import GuardedAdamW, NonFiniteGuard, apply_freezing, build_param_groups, nanovlm_scheduler
 
 logger = logging.getLogger(__name__)
 
 DATA_STATE_NAME = "data_state.json"
+RUN_SETTINGS_NAME = "run_settings.json"  # the data/packing flags and the model config a checkpoint was saved with
 RESULTS_NAME = "results.json"  # written into output_dir by train_accelerate.py (synthetic accuracy); on the card
 TRAINER_STATE_NAME = "trainer_state.json"
 
@@ -96,6 +100,9 @@ class NanoVLMTrainer(Trainer):
         self._last_step_end: float | None = None
         # Extra training info for the model card, e.g. {"dataset": "HuggingFaceM4/FineVision"}; see training_info().
         self.card_info: dict[str, Any] = {}
+        # {flag: value} of the settings that define the data position and packing (train_accelerate.py sets them
+        # from build.data_position_settings); saved with every checkpoint beside the model config, compared on resume.
+        self.run_settings: dict[str, Any] = {}
 
     # ---- data loading --------------------------------------------------------------------------------------------
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):
@@ -208,7 +215,21 @@ class NanoVLMTrainer(Trainer):
             for name, lr in getattr(self, "_lrs_in_use", {}).items():
                 logs[f"lr/{name}"] = lr
             logs.update(self._throughput_logs())
+            self._nonfinite_window_loss(logs)
         super().log(logs, start_time)
+
+    def _nonfinite_window_loss(self, logs: dict[str, float]) -> None:
+        """A window with skipped (non-finite) steps logs the mean loss of its kept steps, or NaN when none was kept:
+        Trainer would log 0.0 for them (`logging_nan_inf_filter`) or, without the filter, NaN for every later window
+        (it resets its running sum by subtracting it from itself)."""
+        guard = self.nonfinite_guard
+        skipped = guard.total_skipped - getattr(self, "_skipped_at_last_log", 0)
+        self._skipped_at_last_log = guard.total_skipped
+        if skipped:
+            total = torch.as_tensor(guard.window_loss, dtype=torch.float32, device=self.args.device).reshape(1)
+            total = self.accelerator.gather(total).mean().item()  # as Trainer: the mean over processes
+            logs["loss"] = total / guard.window_steps if guard.window_steps else math.nan
+        guard.reset_window()
 
     def _throughput_logs(self) -> dict[str, float]:
         w = self._window
@@ -346,7 +367,46 @@ class NanoVLMTrainer(Trainer):
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, DATA_STATE_NAME), "w") as f:
                 json.dump({"world_size": self.args.world_size, "ranks": states}, f)
+            self._save_run_settings(folder)
         super()._save_checkpoint(model, trial)
+
+    def _current_run_settings(self) -> dict[str, dict[str, Any]]:
+        model = self.accelerator.unwrap_model(self.model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return {"data": dict(self.run_settings), "model": _flat_model_config(base.config)}
+
+    def _save_run_settings(self, folder: str) -> None:
+        with open(os.path.join(folder, RUN_SETTINGS_NAME), "w") as f:
+            json.dump(self._current_run_settings(), f, indent=1, sort_keys=True, default=str)
+
+    def _check_run_settings(self, checkpoint: str) -> None:
+        """Refuse (one line, every changed setting as old -> new) to resume from a checkpoint saved with other data
+        or packing settings (the saved data position would point into other data) or another model (its weights
+        would not load). With --resume_restart_data only the model must match."""
+        path = os.path.join(checkpoint, RUN_SETTINGS_NAME)
+        if not os.path.isfile(path):
+            logger.warning("%s has no %s (saved by an older version): its settings are not checked.", checkpoint,
+                           RUN_SETTINGS_NAME)
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        now = json.loads(json.dumps(self._current_run_settings(), default=str))  # as saved: lists, not tuples
+        restart = self.args.resume_restart_data
+        changed = {kind: [(k, saved[kind].get(k), now[kind].get(k)) for k in sorted(set(saved[kind]) | set(now[kind]))
+                          if saved[kind].get(k) != now[kind].get(k)] for kind in ("data", "model")}
+        data = [f"--{k} {old} -> {new}" for k, old, new in changed["data"] if k in now["data"] and not restart]
+        model = [f"model config {k} {old} -> {new}" for k, old, new in changed["model"]]
+        if model:
+            fix = "its weights only load into the same model: resume with the checkpoint's model settings, or start " \
+                  "a new --output_dir (--model_name_or_path CHECKPOINT fine-tunes it with fresh optimizer and data)"
+        elif data:
+            fix = "resume with the checkpoint's settings, or pass --resume_restart_data true to keep its weights, " \
+                  "optimizer, LR schedule and step but restart the data from its beginning with the new settings"
+        else:
+            return
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint}: saved with other settings ({', '.join(data + model)}); {fix}"
+        )
 
     def _gather_objects(self, obj: Any) -> list:
         if self.args.world_size == 1:
@@ -368,7 +428,13 @@ class NanoVLMTrainer(Trainer):
                     f"{resume_from_checkpoint} is not a complete checkpoint (no readable {TRAINER_STATE_NAME}); pass "
                     "--resume_from_checkpoint true to pick the last complete one."
                 )
-            self._restore_data_state(resume_from_checkpoint)
+            self._check_run_settings(resume_from_checkpoint)
+            if self.args.resume_restart_data:
+                self.args.ignore_data_skip = True  # the data restarts: Trainer must not skip batches either
+                logger.info("Resuming the weights, optimizer, LR schedule and step of %s; the data restarts from its "
+                            "beginning (--resume_restart_data).", resume_from_checkpoint)
+            else:
+                self._restore_data_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
 
     def _restore_data_state(self, checkpoint: str) -> None:
@@ -381,9 +447,10 @@ class NanoVLMTrainer(Trainer):
         with open(path) as f:
             saved = json.load(f)
         if saved["world_size"] != self.args.world_size:
-            raise ValueError(
+            raise UsageError(
                 f"{checkpoint} was saved with {saved['world_size']} processes, this run has {self.args.world_size}: "
-                "the per-process data positions cannot be mapped; resume with the same number of processes."
+                "the per-process data positions cannot be mapped; resume with the same number of processes, or pass "
+                "--resume_restart_data true to restart the data"
             )
         state = saved["ranks"][self.args.process_index]
         if state is not None:
@@ -392,6 +459,30 @@ class NanoVLMTrainer(Trainer):
         # The dataset continues where it was: Trainer must not also skip the batches it already consumed.
         self.args.ignore_data_skip = True
         logger.info("Restored the data position from %s.", path)
+
+
+# Model-config keys that do not change the weights' shapes or meaning (how to run it, where it came from).
+_MODEL_KEYS_IGNORED = {
+    "transformers_version", "_name_or_path", "architectures", "auto_map", "dtype", "torch_dtype", "use_cache",
+    "attn_implementation", "_attn_implementation", "_attn_implementation_autoset", "output_attentions",
+    "output_hidden_states", "return_dict", "training_info", "_commit_hash",
+}
+
+
+def _flat_model_config(config: Any) -> dict[str, Any]:
+    """{"text_config.hidden_size": 128, ...}: the model config flattened, without `_MODEL_KEYS_IGNORED`."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key not in _MODEL_KEYS_IGNORED:
+                    walk(f"{prefix}{key}.", item)
+        else:
+            out[prefix[:-1]] = value
+
+    walk("", config.to_dict())
+    return out
 
 
 def _dataset_name(dataset: Any) -> str | None:
