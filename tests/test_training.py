@@ -10,6 +10,7 @@ import pytest
 import torch
 from training_helpers import make_trainer, packed_dataset, synthetic_rows, tiny_setup, training_args
 from transformers import TrainerCallback
+from transformers.integrations.integration_utils import rewrite_logs
 
 from nanovlm.training.optim import nanovlm_lr_factor, part_of
 from nanovlm.training.trainer import last_complete_checkpoint
@@ -224,8 +225,13 @@ def test_throughput_stats_are_logged(rows, tmp_path):
     trainer.train()
     log = [e for e in trainer.state.log_history if "loss" in e][-1]
     for key in ("perf/tokens_per_s", "perf/real_token_fraction", "perf/data_wait_s", "perf/fwd_bwd_s",
-                "perf/images_per_sample", "data/skipped_total", "grad_norm"):
+                "perf/images_per_sample", "data/skipped_total", "grad_norm", "nonfinite_steps_skipped"):
         assert key in log, key
+    assert log["nonfinite_steps_skipped"] == 0.0
+    # wandb's callback prefixes training keys with "train/" itself: no key may come out doubled
+    wandb_keys = set(rewrite_logs(log))
+    assert "train/nonfinite_steps_skipped" in wandb_keys
+    assert not [k for k in wandb_keys if k.startswith("train/train/")]
     assert 0.5 < log["perf/real_token_fraction"] <= 1.0
     assert log["perf/tokens_per_s"] > 0 and "perf/mfu" not in log  # no MFU on CPU
     assert os.path.isdir(tmp_path)

@@ -218,7 +218,8 @@ class NanoVLMTrainer(Trainer):
         logs["data/skipped_total"] = float(sum(self.skip_counts.values()))
         for reason, n in sorted(self.skip_counts.items()):
             logs[f"data/skipped/{reason}"] = float(n)
-        logs["train/nonfinite_steps_skipped"] = float(self.nonfinite_guard.total_skipped)
+        # no "train/" prefix: wandb's callback prefixes every training key with it (next to loss, grad_norm)
+        logs["nonfinite_steps_skipped"] = float(self.nonfinite_guard.total_skipped)
         self._reset_window()
         return logs
 
