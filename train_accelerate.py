@@ -82,31 +82,46 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_model(final_dir)  # with the processor, training_info.json (incl. results.json) and the card
     if training_args.push_to_hub or training_args.hub_model_id:
         trainer.push_to_hub()  # the final (best) model, its processor and code files
+    if "test_accuracy_error" in results:  # the model is saved; the run still failed: its promise is the table
+        raise SystemExit(
+            f"train_accelerate.py: error: the held-out evaluation failed: {results['test_accuracy_error']} "
+            f"(the trained model is saved in {final_dir})"
+        )
     return results
 
 
 def report_synthetic_accuracy(model, processor, data_args, training_args) -> dict:
     """Held-out accuracy per question type (lmms-eval's `nanovlm_synthetic` task on the test split) beside the blind
-    guess, printed and returned. A failed evaluation is reported, not fatal: the trained model is still saved."""
+    guess, printed and returned. A failed evaluation returns `test_accuracy_error` (one line) instead of raising, so
+    that the trained model is saved before `main` exits with that error."""
+    try:
+        return _synthetic_accuracy(model, processor, data_args, training_args)
+    except Exception as error:  # noqa: BLE001 - any failure: save the model first, then fail the run (see main)
+        expected = isinstance(error, (RuntimeError, OSError, KeyError, ValueError))
+        logger.error("Held-out evaluation failed: %s", error, exc_info=not expected)  # a traceback for bugs only
+        return {"test_accuracy_error": " ".join(str(error).split()) or type(error).__name__}
+
+
+def _synthetic_accuracy(model, processor, data_args, training_args) -> dict:
     import datasets
 
     from nanovlm.data.synthetic import blind_guess_accuracy
     from nanovlm.evaluation.synthetic_eval import evaluate_synthetic, format_accuracy_table
 
-    splits = datasets.load_from_disk(data_args.dataset_name_or_path)
+    path = data_args.dataset_name_or_path
+    splits = datasets.load_from_disk(path)
+    if "test" not in splits:
+        raise ValueError(
+            f"{path} has no test split (splits: {sorted(splits)}); build the data with --synthetic_num_test > 0"
+        )
     test = splits["test"]
     # The blind guess answers each question type's majority answer among every row the model trained on.
     seen = [data_args.train_split] + ([data_args.curriculum_split] if data_args.curriculum_split else [])
     reference = datasets.concatenate_datasets([splits[name].select_columns(["texts", "question_type"]) for name in seen])
     blind = blind_guess_accuracy(test, reference)
-    try:
-        accuracy = evaluate_synthetic(
-            model, processor, data_args.dataset_name_or_path, split="test",
-            batch_size=training_args.per_device_eval_batch_size,
-        )
-    except (RuntimeError, FileNotFoundError, KeyError) as error:
-        logger.error("Held-out evaluation failed: %s", error)
-        return {"test_accuracy_error": str(error), "blind_guess_accuracy": blind}
+    accuracy = evaluate_synthetic(
+        model, processor, path, split="test", batch_size=training_args.per_device_eval_batch_size
+    )
     table = format_accuracy_table(accuracy, blind)
     print(f"\nHeld-out accuracy on {len(test)} synthetic test samples (lmms-eval, nanovlm_synthetic):\n{table}\n",
           flush=True)

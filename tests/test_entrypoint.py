@@ -79,6 +79,24 @@ def test_shortened_demo_run(tmp_path):
     assert loaded.stdout.strip() == "NanoVLMForConditionalGeneration NanoVLMProcessor", loaded.stderr[-2000:]
 
 
+def test_failed_held_out_evaluation_saves_the_model_then_fails_the_run(tmp_path):
+    # A real failure: the data has no test split to report on (built with --synthetic_num_test 0).
+    out, data = tmp_path / "run", tmp_path / "data"
+    short = [a if prev != "--synthetic_num_test" else "0" for prev, a in zip(["", *SHORT], SHORT)]
+    proc = run_entry(["--output_dir", str(out), "--dataset_name_or_path", str(data), "--max_steps", "2", *short,
+                      "--eval_strategy", "no", "--load_best_model_at_end", "false"])
+    assert proc.returncode == 1
+    assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "training_info.json").is_file()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"train_accelerate.py: error: the held-out evaluation failed: {data} has no test split (splits: "
+        f"['train', 'train_simple', 'validation']); build the data with --synthetic_num_test > 0 "
+        f"(the trained model is saved in {out / 'final'})"
+    )
+    assert "Traceback" not in proc.stderr and "Held-out accuracy" not in proc.stdout
+    assert json.loads((out / "results.json").read_text())["test_accuracy_error"].startswith(f"{data} has no test")
+
+
 def test_sigkill_then_resume_from_last_complete_checkpoint(tmp_path):
     out, data = tmp_path / "run", tmp_path / "data"
     args = ["--output_dir", str(out), "--dataset_name_or_path", str(data), *SHORT,
