@@ -11,7 +11,7 @@ Two CPU processes (gloo), e.g. to check distributed behaviour without a GPU:
     torchrun --nproc_per_node 2 train_accelerate.py --config configs/train/demo.yaml --max_steps 20
 
 Any YAML key can be overridden on the command line (`--lr_mp 0.001`); `--resume_from_checkpoint true` resumes
-from the last complete checkpoint in `--output_dir`.
+from the last complete checkpoint in `--output_dir` (a run that already reached `--max_steps` is left as it is).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from nanovlm.training.build import (
 )
 from nanovlm.training.parser import parse_args
 from nanovlm.training.plots import plot_training_curves
-from nanovlm.training.trainer import NanoVLMTrainer
+from nanovlm.training.trainer import NanoVLMTrainer, completed_step
 
 logger = logging.getLogger("nanovlm")
 
@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, FileNotFoundError) as err:  # a bad command line: the message, not a traceback
         raise SystemExit(f"train_accelerate.py: error: {err}") from None
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    resume = training_args.resume_from_checkpoint
+    done = completed_step(training_args.output_dir, resume, training_args.max_steps)
+    if done is not None:  # resuming would train an extra step and overwrite final/: leave the run as it is
+        print(f"train_accelerate.py: the run in {training_args.output_dir} is already complete at step {done} "
+              f"(--max_steps {training_args.max_steps}); nothing changed. Raise --max_steps to train further.")
+        return {"completed_step": done}
     set_seed(training_args.seed)
     configure_reporting(model_args, data_args, training_args)
 
@@ -68,7 +74,6 @@ def main(argv: list[str] | None = None) -> dict:
         from nanovlm.training.callbacks import LmmsEvalCallback
 
         trainer.add_callback(LmmsEvalCallback.from_args(training_args))
-    resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
 
     final_dir = os.path.join(training_args.output_dir, "final")

@@ -235,3 +235,25 @@ def test_throughput_stats_are_logged(rows, tmp_path):
     assert 0.5 < log["perf/real_token_fraction"] <= 1.0
     assert log["perf/tokens_per_s"] > 0 and "perf/mfu" not in log  # no MFU on CPU
     assert os.path.isdir(tmp_path)
+
+
+def test_tied_lm_head_is_not_reported_missing_after_a_checkpoint_load(rows, tmp_path):
+    from torch.nn.modules.module import _IncompatibleKeys
+    from transformers.utils import logging as hf_logging
+
+    model, processor = tiny_setup()
+    trainer = make_trainer(model, processor, training_args(tmp_path), packed_dataset(rows, processor))
+    logged = []
+    handler = hf_logging.logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    hf_logging.add_handler(handler)
+    try:
+        # what Trainer's resume gets from load_state_dict: the checkpoint stores the tied weight once
+        trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight"], []))
+        assert not [m for m in logged if "missing keys" in m]
+        # an untied lm_head that is absent from the checkpoint is really missing: still reported
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight"], []))
+        assert [m for m in logged if "missing keys" in m and "lm_head.weight" in m]
+    finally:
+        hf_logging.remove_handler(handler)
