@@ -78,18 +78,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     final_dir = os.path.join(training_args.output_dir, "final")
     results = {"final_model": final_dir}
+    report = {}
+    if data_args.synthetic_dataset:  # on the best model (load_best_model_at_end), which is what gets saved; in
+        # every process: lmms-eval shares the test questions among them (one process alone waits for the others)
+        report = report_synthetic_accuracy(trainer.model, processor, data_args, training_args)
     if trainer.is_world_process_zero():
         results["plots"] = plot_training_curves(trainer.state.log_history, training_args.output_dir)
-        if data_args.synthetic_dataset:  # on the best model (load_best_model_at_end), which is what gets saved
-            results.update(report_synthetic_accuracy(trainer.model, processor, data_args, training_args))
+        results.update(report)
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
     trainer.save_model(final_dir)  # with the processor, training_info.json (incl. results.json) and the card
     if training_args.push_to_hub or training_args.hub_model_id:
         trainer.push_to_hub()  # the final (best) model, its processor and code files
-    if "test_accuracy_error" in results:  # the model is saved; the run still failed: its promise is the table
+    if "test_accuracy_error" in report:  # the model is saved; the run still failed: its promise is the table
         raise SystemExit(
-            f"train_accelerate.py: error: the held-out evaluation failed: {results['test_accuracy_error']} "
+            f"train_accelerate.py: error: the held-out evaluation failed: {report['test_accuracy_error']} "
             f"(the trained model is saved in {final_dir})"
         )
     return results
@@ -97,8 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def report_synthetic_accuracy(model, processor, data_args, training_args) -> dict:
     """Held-out accuracy per question type (lmms-eval's `nanovlm_synthetic` task on the test split) beside the blind
-    guess, printed and returned. A failed evaluation returns `test_accuracy_error` (one line) instead of raising, so
-    that the trained model is saved before `main` exits with that error."""
+    guess, printed and returned by the main process ({} by the others; every process must call it). A failed
+    evaluation returns `test_accuracy_error` (one line) instead of raising, so that the trained model is saved
+    before `main` exits with that error."""
     try:
         return _synthetic_accuracy(model, processor, data_args, training_args)
     except Exception as error:  # noqa: BLE001 - any failure: save the model first, then fail the run (see main)
@@ -127,6 +131,8 @@ def _synthetic_accuracy(model, processor, data_args, training_args) -> dict:
     accuracy = evaluate_synthetic(
         model, processor, path, split="test", batch_size=training_args.per_device_eval_batch_size
     )
+    if training_args.process_index != 0:  # lmms-eval returns the metrics to the main process only
+        return {}
     table = format_accuracy_table(accuracy, blind)
     print(f"\nHeld-out accuracy on {len(test)} synthetic test samples (lmms-eval, nanovlm_synthetic):\n{table}\n",
           flush=True)

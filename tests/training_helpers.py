@@ -24,11 +24,16 @@ ENTRY_SHORT = [
 ]
 
 
-def run_train_entry(config: str, args: list, nproc: int = 1, timeout: int = 600, threads: int = 2):
-    """Run train_accelerate.py with configs/train/<config>.yaml as a user would (torchrun when nproc > 1)."""
+def run_train_entry(config: str, args: list, nproc: int = 1, timeout: int = 600, threads: int = 2,
+                    accelerate_config: str | None = None):
+    """Run train_accelerate.py with configs/train/<config>.yaml as a user would: torchrun when nproc > 1, or
+    `accelerate launch --config_file configs/accelerate/<accelerate_config>.yaml`."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     launcher = [sys.executable]
-    if nproc > 1:
+    if accelerate_config:
+        launcher += ["-m", "accelerate.commands.launch", "--config_file",
+                     str(ROOT / f"configs/accelerate/{accelerate_config}.yaml")]
+    elif nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd = [*launcher, str(ROOT / "train_accelerate.py"), "--config", str(ROOT / f"configs/train/{config}.yaml"),
            *map(str, args)]
