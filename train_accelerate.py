@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     resume = training_args.resume_from_checkpoint
     done = completed_step(training_args.output_dir, resume, training_args.max_steps)
     if done is not None:  # resuming would train an extra step and overwrite final/: leave the run as it is
-        print(f"train_accelerate.py: the run in {training_args.output_dir} is already complete at step {done} "
-              f"(--max_steps {training_args.max_steps}); nothing changed. Raise --max_steps to train further.")
+        if training_args.process_index == 0:
+            print(f"train_accelerate.py: the run in {training_args.output_dir} is already complete at step {done} "
+                  f"(--max_steps {training_args.max_steps}); nothing changed. Raise --max_steps to train further.")
         return {"completed_step": done}
     set_seed(training_args.seed)
     configure_reporting(model_args, data_args, training_args)
