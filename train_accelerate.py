@@ -11,7 +11,7 @@ Two CPU processes (gloo), e.g. to check distributed behaviour without a GPU:
     torchrun --nproc_per_node 2 train_accelerate.py --config configs/train/demo.yaml --max_steps 20
 
 Any YAML key can be overridden on the command line (`--lr_mp 0.001`); `--resume_from_checkpoint true` resumes
-from the last complete checkpoint in `--output_dir`.
+from the last complete checkpoint in `--output_dir` (a run that already reached `--max_steps` is left as it is).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from nanovlm.training.build import (
 from nanovlm.training.errors import NonFiniteLossError, UsageError
 from nanovlm.training.parser import parse_args
 from nanovlm.training.plots import plot_training_curves
-from nanovlm.training.trainer import NanoVLMTrainer
+from nanovlm.training.trainer import NanoVLMTrainer, completed_step
 
 logger = logging.getLogger("nanovlm")
 
@@ -46,6 +46,13 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, FileNotFoundError) as err:  # a bad command line: the message, not a traceback
         raise SystemExit(f"train_accelerate.py: error: {err}") from None
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    resume = training_args.resume_from_checkpoint
+    done = completed_step(training_args.output_dir, resume, training_args.max_steps)
+    if done is not None:  # resuming would train an extra step and overwrite final/: leave the run as it is
+        if training_args.process_index == 0:
+            print(f"train_accelerate.py: the run in {training_args.output_dir} is already complete at step {done} "
+                  f"(--max_steps {training_args.max_steps}); nothing changed. Raise --max_steps to train further.")
+        return {"completed_step": done}
     set_seed(training_args.seed)
     check_fsdp_device(training_args)
     configure_reporting(model_args, data_args, training_args)
@@ -73,45 +80,65 @@ def main(argv: list[str] | None = None) -> dict:
         from nanovlm.training.callbacks import LmmsEvalCallback
 
         trainer.add_callback(LmmsEvalCallback.from_args(training_args))
-    resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
 
     final_dir = os.path.join(training_args.output_dir, "final")
     results = {"final_model": final_dir}
+    report = {}
+    if data_args.synthetic_dataset:  # on the best model (load_best_model_at_end), which is what gets saved; in
+        # every process: lmms-eval shares the test questions among them (one process alone waits for the others)
+        report = report_synthetic_accuracy(trainer.model, processor, data_args, training_args)
     if trainer.is_world_process_zero():
         results["plots"] = plot_training_curves(trainer.state.log_history, training_args.output_dir)
-        if data_args.synthetic_dataset:  # on the best model (load_best_model_at_end), which is what gets saved
-            results.update(report_synthetic_accuracy(trainer.model, processor, data_args, training_args))
+        results.update(report)
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
     trainer.save_model(final_dir)  # with the processor, training_info.json (incl. results.json) and the card
     if training_args.push_to_hub or training_args.hub_model_id:
         trainer.push_to_hub()  # the final (best) model, its processor and code files
+    if "test_accuracy_error" in report:  # the model is saved; the run still failed: its promise is the table
+        raise SystemExit(
+            f"train_accelerate.py: error: the held-out evaluation failed: {report['test_accuracy_error']} "
+            f"(the trained model is saved in {final_dir})"
+        )
     return results
 
 
 def report_synthetic_accuracy(model, processor, data_args, training_args) -> dict:
     """Held-out accuracy per question type (lmms-eval's `nanovlm_synthetic` task on the test split) beside the blind
-    guess, printed and returned. A failed evaluation is reported, not fatal: the trained model is still saved."""
+    guess, printed and returned by the main process ({} by the others; every process must call it). A failed
+    evaluation returns `test_accuracy_error` (one line) instead of raising, so that the trained model is saved
+    before `main` exits with that error."""
+    try:
+        return _synthetic_accuracy(model, processor, data_args, training_args)
+    except Exception as error:  # noqa: BLE001 - any failure: save the model first, then fail the run (see main)
+        expected = isinstance(error, (RuntimeError, OSError, KeyError, ValueError))
+        logger.error("Held-out evaluation failed: %s", error, exc_info=not expected)  # a traceback for bugs only
+        return {"test_accuracy_error": " ".join(str(error).split()) or type(error).__name__}
+
+
+def _synthetic_accuracy(model, processor, data_args, training_args) -> dict:
     import datasets
 
     from nanovlm.data.synthetic import blind_guess_accuracy
     from nanovlm.evaluation.synthetic_eval import evaluate_synthetic, format_accuracy_table
 
-    splits = datasets.load_from_disk(data_args.dataset_name_or_path)
+    path = data_args.dataset_name_or_path
+    splits = datasets.load_from_disk(path)
+    if "test" not in splits:
+        raise ValueError(
+            f"{path} has no test split (splits: {sorted(splits)}); build the data with --synthetic_num_test > 0"
+        )
     test = splits["test"]
     # The blind guess answers each question type's majority answer among every row the model trained on.
     seen = [data_args.train_split] + ([data_args.curriculum_split] if data_args.curriculum_split else [])
     reference = datasets.concatenate_datasets([splits[name].select_columns(["texts", "question_type"]) for name in seen])
     blind = blind_guess_accuracy(test, reference)
-    try:
-        accuracy = evaluate_synthetic(
-            model, processor, data_args.dataset_name_or_path, split="test",
-            batch_size=training_args.per_device_eval_batch_size,
-        )
-    except (RuntimeError, FileNotFoundError, KeyError) as error:
-        logger.error("Held-out evaluation failed: %s", error)
-        return {"test_accuracy_error": str(error), "blind_guess_accuracy": blind}
+    accuracy = evaluate_synthetic(
+        model, processor, path, split="test", batch_size=training_args.per_device_eval_batch_size
+    )
+    if training_args.process_index != 0:  # lmms-eval returns the metrics to the main process only
+        return {}
     table = format_accuracy_table(accuracy, blind)
     print(f"\nHeld-out accuracy on {len(test)} synthetic test samples (lmms-eval, nanovlm_synthetic):\n{table}\n",
           flush=True)

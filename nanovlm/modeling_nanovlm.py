@@ -31,12 +31,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_nanovlm import NanoVLMConfig
 from .model_card_nanovlm import card_tags_from, load_training_info, save_training_info, write_model_card
 
 logger = logging.getLogger(__name__)
+
+# transformers 5.25 renamed the KV cache from `past_key_values` to `cache` (forward keyword and output field; its
+# `generate` passes `cache=` and leaves `past_key_values` unset) and warns on the old name. Speak whichever name the
+# installed transformers declares, so the text model gets the cache under its own name and no call of ours warns.
+CACHE_KEY = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -78,14 +83,9 @@ class NanoVLMModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class NanoVLMCausalLMOutputWithPast(ModelOutput):
-    """Language-model output plus the projected image features."""
+class NanoVLMCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """Language-model output (the cache under CACHE_KEY) plus the projected image features."""
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
 
@@ -95,7 +95,7 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -196,8 +196,11 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         past_key_values: object | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache: object | None = None,
         **kwargs,
     ) -> NanoVLMModelOutputWithPast:
+        """`cache` and `past_key_values` are the same KV cache under its new and old name (see CACHE_KEY)."""
+        cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if self.config.image_token_id is None and pixel_values is not None:
@@ -212,7 +215,7 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         else:
             if input_ids is not None and self.config.image_token_id is not None:
                 n_tokens = int((input_ids == self.config.image_token_id).sum())
-                if n_tokens and past_key_values is None:
+                if n_tokens and cache is None:  # with a cache this is a decode step: a generated image token is text
                     raise ValueError(
                         f"Image tokens and image features do not match: image tokens: {n_tokens}, image features: 0. "
                         "Pass the pixel_values the processor returned."
@@ -223,14 +226,14 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{CACHE_KEY: cache},
             **kwargs,
         )
         return NanoVLMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_KEY: getattr(outputs, CACHE_KEY)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
@@ -305,6 +308,7 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: object | None = None,
         **kwargs,
     ) -> NanoVLMCausalLMOutputWithPast:
         r"""
@@ -316,6 +320,8 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         kwargs:
             `num_items_in_batch` (the global label-token count the loss is divided by) and attention kwargs
             (`cu_seq_lens_q`, ... for flash-attention varlen).
+        cache (`Cache`, *optional*):
+            The KV cache; `past_key_values` is its name before transformers 5.25 (either works, see CACHE_KEY).
         """
         if labels is not None or self.training:
             use_cache = False  # a cache disables the packed-sequence mask (see module docstring)
@@ -328,6 +334,7 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            cache=cache,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -348,7 +355,7 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         return NanoVLMCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_KEY: getattr(outputs, CACHE_KEY)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,

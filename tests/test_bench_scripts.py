@@ -112,7 +112,9 @@ def test_generation_generates_exactly_the_requested_tokens_in_every_mode(tmp_pat
     for r in runs:
         assert "error" not in r, r
         assert r["new_tokens"] == 5 and r["image_tiles"] == 5  # 80x60 -> 2x2 tiles + a global view
-        assert 0 < r["ttft_s"] <= r["total_s"] and r["tokens_per_s"] > 0
+        # timings are measured, never compared (they are separate runs, reordered by load): present, finite, > 0
+        for key in ("ttft_s", "total_s", "tokens_per_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert r["same_as_no_cache"] is True  # KV-cache and cache-less greedy decoding agree
     assert all(r["speedup_vs_no_cache"] == 1.0 for r in runs if r["mode"] == "no_cache")
 

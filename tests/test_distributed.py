@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils.data import IterableDataset
-from training_helpers import make_trainer, packed_dataset, synthetic_rows, tiny_setup, training_args, without_images
+from training_helpers import (
+    ENTRY_SHORT,
+    make_trainer,
+    packed_dataset,
+    run_train_entry,
+    synthetic_rows,
+    tiny_setup,
+    training_args,
+    without_images,
+)
 
 SCRIPT = Path(__file__).parent / "dist_train_script.py"
 
@@ -91,62 +100,57 @@ def test_ranks_with_unequal_data_end_together(tmp_path):
     assert len(losses["loss"]) == 4 and len(losses["eval_loss"]) == 2
 
 
-@pytest.mark.parametrize("lr_vision", [5e-4, 0.0], ids=["trainable_vision", "frozen_vision"])
-def test_a_rank_with_only_text_packs_does_not_hang_and_matches_one_process(tmp_path, lr_vision):
-    """Rank 1 never sees an image: its vision tower (or, frozen, its projector) would get no gradient and DDP's
-    all-reduce would wait forever; the model runs them on a blank tile whose contribution is exactly 0."""
-    steps, batch, n_rows = 3, 2, 48
-    torchrun(tmp_path / "ddp", steps, batch, n_rows, 0, 1, lr_vision, timeout=180)
-    ddp = json.loads((tmp_path / "ddp" / "losses.json").read_text())["loss"]
-    seen = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text())["seen"] for r in range(2)]
-    assert all(batch["tiles"] > 0 for batch in seen[0]) and all(batch["tiles"] == 0 for batch in seen[1])
-    single = single_process_losses(tmp_path, steps, batch, n_rows, text_only_rank=1, lr_vision_backbone=lr_vision)
+def test_torchrun_without_gpu_trains_as_ddp_through_the_entry_point(tmp_path):
+    """The README's torchrun and accelerate commands, no --use_cpu: one DDP job on gloo (not two independent
+    trainings), whose per-step losses equal one process on the same global batches (rank 0's packs, then rank
+    1's)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from transformers import set_seed
+
+    from nanovlm.training.build import build_datasets, build_model_and_processor, load_rows
+    from nanovlm.training.parser import parse_args
+
+    steps, batch = 3, 2
+    out, data = tmp_path / "ddp", tmp_path / "data"
+    argv = ["--output_dir", out, "--dataset_name_or_path", data, "--max_steps", steps, *ENTRY_SHORT,
+            "--per_device_train_batch_size", batch]
+    proc = run_train_entry("demo", argv, nproc=2, threads=1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 processes and no GPU: training them as one DDP job on CPU (gloo)" in proc.stderr
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in proc.stderr
+    data_state = json.loads((out / f"checkpoint-{steps}" / "data_state.json").read_text())
+    assert data_state["world_size"] == 2 and len(data_state["ranks"]) == 2
+    state = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())
+    logs = [e for e in state["log_history"] if "loss" in e]
+    assert "perf/tokens_per_s_min" in logs[-1]  # gathered over the 2 ranks
+    ddp = [e["loss"] for e in logs]
+
+    # One process, the same model and data pieces the entry point builds, each rank's packs in turn.
+    model_args, data_args, args = parse_args([str(a) for a in ["--config", "configs/train/demo.yaml", *argv]])
+    set_seed(args.seed)
+    train_rows, _ = load_rows(data_args, args)
+    model, processor = build_model_and_processor(model_args, train_rows)
+    per_rank = []
+    for rank in range(2):
+        where = SimpleNamespace(process_index=rank, world_size=2, seed=args.seed)
+        packs = iter(build_datasets(data_args, where, processor, train_rows, None)[0])
+        per_rank.append([next(packs) for _ in range(steps * batch)])
+    packs = [p for step in range(steps) for rank in range(2) for p in per_rank[rank][step * batch:(step + 1) * batch]]
+    single_args = dataclasses.replace(args, output_dir=str(tmp_path / "single"), per_device_train_batch_size=2 * batch,
+                                      save_strategy="no", dataloader_num_workers=0)
+    torch.set_num_threads(1)
+    trainer = make_trainer(model, processor, single_args, ListDataset(packs))
+    trainer.train()
+    single = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(ddp) == len(single) == steps
     assert ddp == pytest.approx(single, abs=1e-5)
 
-
-def test_an_imageless_training_batch_gives_every_trainable_parameter_a_zero_gradient(tmp_path):
-    """What keeps DDP/FSDP from hanging, in one process: vision tower and projector get gradients (exactly 0) from
-    a batch without images, the loss is unchanged, and evaluation does not run the blank tile."""
-    model, processor = tiny_setup()
-    ids = processor.tokenizer("What color is the circle? red", return_tensors="pt")["input_ids"]
-    model.eval()
-    with torch.no_grad():
-        reference = model(input_ids=ids, labels=ids).loss
-    model.train()
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    assert loss.item() == reference.item()
-    for name, param in model.named_parameters():
-        assert param.grad is not None, name
-        if "vision_tower" in name or "multi_modal_projector" in name:
-            assert not param.grad.any(), name
-    assert model.model.language_model.layers[0].mlp.up_proj.weight.grad.any()
-
-
-def test_fsdp2_wrapped_as_the_config_trains_like_ddp_and_saves_a_loadable_checkpoint(tmp_path):
-    """fsdp_train_script.py: `fully_shard` on the decoder and SigLIP layers (configs/accelerate/fsdp.yaml) and the
-    root, 2 gloo processes, rank 1 without images. Its per-step losses equal the one-process run on the same global
-    batches, which DDP equals (the tests above); the checkpoint it saves loads with from_pretrained and gives the
-    sharded model's logits."""
-    from fsdp_train_script import fixed_batch
-
-    from nanovlm import NanoVLMForConditionalGeneration
-
-    steps, batch, n_rows = 3, 2, 48
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).parent / "fsdp_train_script.py"), str(tmp_path / "fsdp"), str(steps), str(batch),
-           str(n_rows), "1"]
-    run_group(cmd, env, timeout=180)
-    result = json.loads((tmp_path / "fsdp" / "losses.json").read_text())
-    assert result["parameter_type"] == "DTensor" and result["wrapped_layers"] == 2 + 2  # text + vision layers
-    single = single_process_losses(tmp_path, steps, batch, n_rows, text_only_rank=1)
-    assert result["loss"] == pytest.approx(single, abs=1e-5)
-
-    loaded = NanoVLMForConditionalGeneration.from_pretrained(tmp_path / "fsdp" / "model").eval()
-    _, processor = tiny_setup()
-    with torch.no_grad():
-        logits = loaded(**fixed_batch(processor)).logits
-    sharded = torch.load(tmp_path / "fsdp" / "logits.pt")
-    assert torch.allclose(logits, sharded, atol=1e-5, rtol=0)
+    # `accelerate launch` with the 2-process CPU config, no --use_cpu: the same DDP job
+    argv[1] = out = tmp_path / "accelerate"
+    proc = run_train_entry("demo", argv, threads=1, accelerate_config="cpu_2proc")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((out / f"checkpoint-{steps}" / "data_state.json").read_text())["world_size"] == 2
+    state = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())
+    assert [e["loss"] for e in state["log_history"] if "loss" in e] == pytest.approx(single, abs=1e-5)

@@ -79,6 +79,24 @@ def test_shortened_demo_run(tmp_path):
     assert loaded.stdout.strip() == "NanoVLMForConditionalGeneration NanoVLMProcessor", loaded.stderr[-2000:]
 
 
+def test_failed_held_out_evaluation_saves_the_model_then_fails_the_run(tmp_path):
+    # A real failure: the data has no test split to report on (built with --synthetic_num_test 0).
+    out, data = tmp_path / "run", tmp_path / "data"
+    short = [a if prev != "--synthetic_num_test" else "0" for prev, a in zip(["", *SHORT], SHORT)]
+    proc = run_entry(["--output_dir", str(out), "--dataset_name_or_path", str(data), "--max_steps", "2", *short,
+                      "--eval_strategy", "no", "--load_best_model_at_end", "false"])
+    assert proc.returncode == 1
+    assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "training_info.json").is_file()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"train_accelerate.py: error: the held-out evaluation failed: {data} has no test split (splits: "
+        f"['train', 'train_simple', 'validation']); build the data with --synthetic_num_test > 0 "
+        f"(the trained model is saved in {out / 'final'})"
+    )
+    assert "Traceback" not in proc.stderr and "Held-out accuracy" not in proc.stdout
+    assert json.loads((out / "results.json").read_text())["test_accuracy_error"].startswith(f"{data} has no test")
+
+
 def test_sigkill_then_resume_from_last_complete_checkpoint(tmp_path):
     out, data = tmp_path / "run", tmp_path / "data"
     args = ["--output_dir", str(out), "--dataset_name_or_path", str(data), *SHORT,
@@ -105,6 +123,40 @@ def test_sigkill_then_resume_from_last_complete_checkpoint(tmp_path):
     state = json.loads((out / f"checkpoint-{last + 2}" / "trainer_state.json").read_text())
     steps = [e["step"] for e in state["log_history"] if "loss" in e]
     assert steps[-2:] == [last + 1, last + 2]
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """{relative path: (sha256, mtime_ns)} of every file under `folder`."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_after_a_finished_run_changes_nothing_and_more_steps_continue(tmp_path):
+    from training_helpers import ENTRY_SHORT, run_train_entry
+
+    out, data = tmp_path / "run", tmp_path / "data"
+    args = ["--output_dir", out, "--dataset_name_or_path", data, *ENTRY_SHORT]
+    first = run_train_entry("demo", [*args, "--max_steps", 2])
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _snapshot(out)
+    assert "final/model.safetensors" in before and "checkpoint-2/trainer_state.json" in before
+
+    again = run_train_entry("demo", [*args, "--max_steps", 2, "--resume_from_checkpoint", "true"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.strip().splitlines()[-1] == (
+        f"train_accelerate.py: the run in {out} is already complete at step 2 (--max_steps 2); nothing changed. "
+        "Raise --max_steps to train further."
+    )
+    assert _snapshot(out) == before  # no extra step, final/ and results untouched
+
+    # a higher --max_steps continues from step 2; the tied lm_head is not reported missing (it is the embeddings)
+    more = run_train_entry("demo", [*args, "--max_steps", 3, "--resume_from_checkpoint", "true"])
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "missing keys" not in more.stderr
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("bad", [["--lr_mp", "-1"], ["--no_such_option", "1"]])

@@ -10,10 +10,19 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
-from training_helpers import make_trainer, packed_dataset, synthetic_rows, tiny_setup, training_args
-from transformers import AutoModel
+from training_helpers import (
+    ENTRY_SHORT,
+    make_trainer,
+    packed_dataset,
+    run_train_entry,
+    synthetic_rows,
+    tiny_setup,
+    training_args,
+)
+from transformers import AutoModel, AutoProcessor
 
 from nanovlm import NanoVLMForConditionalGeneration
+from nanovlm.training.build import _synthetic_request
 from nanovlm.training.lora import apply_lora, language_model_target_regex, merge_lora_checkpoint
 from nanovlm.training.optim import part_of
 from nanovlm.training.parser import parse_args
@@ -192,3 +201,36 @@ def test_lora_recipe_parses():
     assert args.use_lora is True and model_args.model_name_or_path == "outputs/demo/final"
     assert args.lr_language_backbone > 0 and args.lr_vision_backbone == 0
     assert data_args.synthetic_dataset is True
+
+
+def test_lora_recipe_reuses_the_demo_data():
+    # lora.yaml reads the demo's synthetic folder: the same build settings, or the run stops before training
+    _, demo_data, demo_args = parse_args(["--config", str(REPO / "configs/train/demo.yaml")])
+    _, lora_data, lora_args = parse_args(["--config", str(REPO / "configs/train/lora.yaml")])
+    assert lora_data.dataset_name_or_path == demo_data.dataset_name_or_path
+    assert _synthetic_request(lora_data, lora_args) == _synthetic_request(demo_data, demo_args)
+
+
+def test_lora_recipe_after_the_demo_through_the_entry_point(tmp_path):
+    """The README's LoRA section: demo, then lora.yaml on its final/, the report on the PEFT model, merge, reload."""
+    data, demo, lora = tmp_path / "data", tmp_path / "demo", tmp_path / "lora"
+    run = run_train_entry("demo", ["--output_dir", demo, "--dataset_name_or_path", data, "--max_steps", 2, *ENTRY_SHORT])
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_train_entry("lora", ["--model_name_or_path", demo / "final", "--output_dir", lora,
+                                   "--dataset_name_or_path", data, "--max_steps", 2, *ENTRY_SHORT])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Held-out accuracy on 24 synthetic test samples" in run.stdout
+    results = json.loads((lora / "results.json").read_text())
+    accuracy, blind = results["test_accuracy"], results["blind_guess_accuracy"]
+    assert set(accuracy) == set(blind) and "overall" in accuracy and all(0 <= v <= 1 for v in accuracy.values())
+    adapter = lora / "final"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(demo / "final")
+
+    processor = AutoProcessor.from_pretrained(adapter)
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(demo / "final", trust_remote_code=True), adapter)
+    ref = logits(peft_model, processor)
+    merged = merge_lora_checkpoint(adapter, tmp_path / "merged")
+    torch.testing.assert_close(logits(merged, processor), ref, atol=1e-5, rtol=0)
+    base_only = logits(AutoModel.from_pretrained(demo / "final", trust_remote_code=True), processor)
+    assert not torch.allclose(base_only, ref, atol=1e-4)  # the adapter changed the model

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from PIL import Image
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.utils import logging as hf_logging
 
 from nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration
-from nanovlm.modeling_nanovlm import pixel_shuffle
+from nanovlm.modeling_nanovlm import CACHE_KEY, pixel_shuffle
 
 
 def _inputs(processor, images, question: str, answer: str | None = None):
@@ -40,7 +44,7 @@ def test_forward_backward_shapes_and_loss(tiny_model, tiny_processor, tiny_confi
     T = batch["input_ids"].shape[1]
     assert out.logits.shape == (1, T, tiny_config.text_config.vocab_size)
     assert out.image_hidden_states.shape == (3, tiny_config.image_seq_len, tiny_config.text_config.hidden_size)
-    assert out.past_key_values is None  # training runs without a cache
+    assert getattr(out, CACHE_KEY) is None  # training runs without a cache
     # the loss is the mean next-token cross entropy
     ref = torch.nn.functional.cross_entropy(out.logits[0, :-1], labels[0, 1:])
     torch.testing.assert_close(out.loss, ref)
@@ -77,6 +81,65 @@ def test_greedy_generation_same_with_and_without_cache(tiny_model, tiny_processo
     without = tiny_model.generate(**batch, use_cache=False, **kw)
     assert with_cache.shape[1] == batch["input_ids"].shape[1] + 12
     assert torch.equal(with_cache, without)
+
+
+class _ForceTokenAt(LogitsProcessor):
+    """Make `token` the only choice when the sequence is `length` tokens long."""
+
+    def __init__(self, token: int, length: int):
+        self.token, self.length = token, length
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.length:
+            scores = torch.full_like(scores, -float("inf"))
+            scores[:, self.token] = 0.0
+        return scores
+
+
+def test_generated_image_token_decodes_with_cache_like_no_cache_greedy(tiny_model, tiny_processor, tiny_config):
+    # A decode step whose input is the image token: transformers >= 5.25 passes the cache as `cache=`, and the
+    # image-token check must still see a decode step (the token is text there, with no image features).
+    batch = _inputs(tiny_processor, [Image.new("RGB", (64, 32), (200, 10, 10))], "What color is the circle?")
+    prompt_len, steps, image_token = batch["input_ids"].shape[1], 6, tiny_config.image_token_id
+    force = _ForceTokenAt(image_token, prompt_len + 1)  # the 2nd new token: the 3rd step decodes it
+    kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=True)
+    out = tiny_model.generate(**batch, **kw, logits_processor=LogitsProcessorList([force]))
+    new = out[0, prompt_len:]
+    assert new[1] == image_token
+
+    # Reference: greedy without any cache, the whole sequence re-run at every step from its embeddings.
+    base = tiny_model.model
+    with torch.no_grad():
+        embeds = base.get_input_embeddings()(batch["input_ids"])
+        embeds = base.merge_image_features(batch["input_ids"], embeds, base.get_image_features(batch["pixel_values"]))
+        ids = batch["input_ids"]
+        for _ in range(steps):
+            logits = tiny_model(inputs_embeds=embeds, use_cache=False).logits[:, -1]
+            next_id = force(ids, logits).argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+            embeds = torch.cat([embeds, base.get_input_embeddings()(next_id)], dim=1)
+    assert out.tolist() == ids.tolist()
+
+
+def test_generate_emits_no_deprecation_warnings(tiny_model, tiny_processor):
+    # transformers 5.25 renamed `past_key_values` to `cache` and warns (Python FutureWarning, and a logged
+    # "deprecated" line) when our code uses the old name.
+    batch = _inputs(tiny_processor, [Image.new("RGB", (32, 32))], "Describe")
+    hf_logging.get_logger("transformers").warning_once.cache_clear()  # warning_once would hide a repeat
+    logged = []
+    handler = hf_logging.logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    hf_logging.add_handler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.simplefilter("error", DeprecationWarning)
+            out = tiny_model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            tiny_model(**batch, use_cache=True)
+    finally:
+        hf_logging.remove_handler(handler)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 4
+    assert [m for m in logged if "deprecated" in m.lower()] == []
 
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny_model, tiny_processor):

@@ -7,6 +7,7 @@ import json
 import math
 import re
 from collections import Counter
+from pathlib import Path
 
 import datasets
 import pytest
@@ -15,6 +16,7 @@ from nanovlm.data import synthetic as syn
 
 COLOR_NAMES = "|".join(syn.COLORS)
 KIND_NAMES = "|".join(syn.SHAPES)
+REPO = Path(__file__).resolve().parents[1]
 PHRASE = rf"the (?:(?:{COLOR_NAMES}) )?(?:{KIND_NAMES}|shape)"
 
 
@@ -458,13 +460,67 @@ def test_cli_builds_and_reports_blind_guess(tmp_path, capsys) -> None:
     assert 0.0 <= result["overall"] <= 1.0
     assert (out / "dataset_dict.json").exists() and not (out / "parquet").exists()
     syn.main(["--output_dir", str(out), "--num_train", "4", "--num_validation", "0", "--num_test", "2",
-              "--num_train_simple", "5", "--no_parquet"])
+              "--num_train_simple", "5", "--no_parquet", "--overwrite"])
     assert len(datasets.load_from_disk(str(out))[syn.SIMPLE_SPLIT]) == 5
     with pytest.raises(SystemExit) as exit_info:
         syn.main(["--help"])
     assert exit_info.value.code == 0
     with pytest.raises(SystemExit):
         syn.main(["--output_dir", str(out), "--image_size", "big"])
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_cli_refuses_to_overwrite_data_built_with_other_settings(tmp_path, capsys) -> None:
+    # The demo's data, built by the trainer, then the builder's README command pointed at the same folder.
+    from nanovlm.training.build import prepare_synthetic_dataset
+    from nanovlm.training.parser import parse_args
+
+    out = tmp_path / "synthetic_data"
+    _, data_args, training_args = parse_args([
+        "--config", str(REPO / "configs/train/demo.yaml"), "--output_dir", str(tmp_path / "run"),
+        "--dataset_name_or_path", str(out), "--synthetic_num_train", "12", "--synthetic_num_validation", "4",
+        "--synthetic_num_test", "4", "--synthetic_num_train_simple", "4",
+    ])
+    prepare_synthetic_dataset(data_args, training_args)
+    before = _files(out)
+    with pytest.raises(SystemExit) as exit_info:
+        syn.main(["--output_dir", str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(
+        f"python -m nanovlm.data.synthetic: error: --output_dir {out} holds a synthetic dataset built with other "
+        "settings (--num_train: requested 4000, built 12; --num_validation: requested 500, built 4; "
+    )
+    assert error.endswith("; pass --overwrite to rebuild it, or choose another --output_dir")
+    assert _files(out) == before  # untouched
+
+    # the same settings: reused, not rebuilt
+    same = ["--output_dir", str(out), "--num_train", "12", "--num_validation", "4", "--num_test", "4",
+            "--num_train_simple", "4", "--multi_turn_fraction", "0.3", "--train_multi_turn_fraction", "1.0",
+            "--train_max_turns", "4"]
+    result = syn.main(same)
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{out} already holds this dataset (built with the same settings): reusing it.")
+    assert "blind guess on test" in printed and 0.0 <= result["overall"] <= 1.0
+    assert _files(out) == before
+
+    # --overwrite rebuilds with the new settings
+    syn.main(["--output_dir", str(out), "--num_train", "6", "--num_validation", "0", "--num_test", "3",
+              "--no_parquet", "--overwrite"])
+    assert json.loads((out / syn.SETTINGS_FILE).read_text())["train"] == 6
+    assert len(datasets.load_from_disk(str(out))["train"]) == 6
+
+    # a folder with other files is not a dataset to replace silently either
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        syn.main(["--output_dir", str(other), "--num_train", "4"])
+    assert "exists and is not a synthetic dataset" in capsys.readouterr().err
+    assert (other / "keep.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
 
 
 def test_demo_pixel_statistics_match_the_synthetic_images() -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from training_helpers import make_trainer, packed_dataset, synthetic_rows, tiny_setup, training_args
 from transformers import TrainerCallback
+from transformers.integrations.integration_utils import rewrite_logs
 
 from nanovlm.training.errors import NonFiniteLossError
 from nanovlm.training.optim import nanovlm_lr_factor, part_of
@@ -256,8 +257,35 @@ def test_throughput_stats_are_logged(rows, tmp_path):
     trainer.train()
     log = [e for e in trainer.state.log_history if "loss" in e][-1]
     for key in ("perf/tokens_per_s", "perf/real_token_fraction", "perf/data_wait_s", "perf/fwd_bwd_s",
-                "perf/images_per_sample", "data/skipped_total", "grad_norm"):
+                "perf/images_per_sample", "data/skipped_total", "grad_norm", "nonfinite_steps_skipped"):
         assert key in log, key
+    assert log["nonfinite_steps_skipped"] == 0.0
+    # wandb's callback prefixes training keys with "train/" itself: no key may come out doubled
+    wandb_keys = set(rewrite_logs(log))
+    assert "train/nonfinite_steps_skipped" in wandb_keys
+    assert not [k for k in wandb_keys if k.startswith("train/train/")]
     assert 0.5 < log["perf/real_token_fraction"] <= 1.0
     assert log["perf/tokens_per_s"] > 0 and "perf/mfu" not in log  # no MFU on CPU
     assert os.path.isdir(tmp_path)
+
+
+def test_tied_lm_head_is_not_reported_missing_after_a_checkpoint_load(rows, tmp_path):
+    from torch.nn.modules.module import _IncompatibleKeys
+    from transformers.utils import logging as hf_logging
+
+    model, processor = tiny_setup()
+    trainer = make_trainer(model, processor, training_args(tmp_path), packed_dataset(rows, processor))
+    logged = []
+    handler = hf_logging.logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    hf_logging.add_handler(handler)
+    try:
+        # what Trainer's resume gets from load_state_dict: the checkpoint stores the tied weight once
+        trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight"], []))
+        assert not [m for m in logged if "missing keys" in m]
+        # an untied lm_head that is absent from the checkpoint is really missing: still reported
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight"], []))
+        assert [m for m in logged if "missing keys" in m and "lm_head.weight" in m]
+    finally:
+        hf_logging.remove_handler(handler)

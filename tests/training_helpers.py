@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from nanovlm import NanoVLMForConditionalGeneration, build_processor, train_tokenizer
@@ -9,6 +14,31 @@ from nanovlm.data import PackedCollator, PackedDataset, SampleBuilder, SampleDat
 from nanovlm.data.synthetic import SyntheticConfig, generate_split
 from nanovlm.training.arguments import NanoVLMTrainingArguments
 from nanovlm.training.trainer import NanoVLMTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+# A few minutes of the demo recipe shrunk to seconds: small synthetic splits, no periodic evaluation.
+ENTRY_SHORT = [
+    "--synthetic_num_train", "240", "--synthetic_num_validation", "16", "--synthetic_num_test", "24",
+    "--synthetic_num_train_simple", "40", "--logging_steps", "1", "--dataloader_num_workers", "0",
+    "--per_device_eval_batch_size", "8", "--eval_strategy", "no", "--load_best_model_at_end", "false",
+]
+
+
+def run_train_entry(config: str, args: list, nproc: int = 1, timeout: int = 600, threads: int = 2,
+                    accelerate_config: str | None = None):
+    """Run train_accelerate.py with configs/train/<config>.yaml as a user would: torchrun when nproc > 1, or
+    `accelerate launch --config_file configs/accelerate/<accelerate_config>.yaml`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    launcher = [sys.executable]
+    if accelerate_config:
+        launcher += ["-m", "accelerate.commands.launch", "--config_file",
+                     str(ROOT / f"configs/accelerate/{accelerate_config}.yaml")]
+    elif nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = [*launcher, str(ROOT / "train_accelerate.py"), "--config", str(ROOT / f"configs/train/{config}.yaml"),
+           *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
 
 TINY_CORPUS = ["What color is the circle? red blue green yellow How many shapes left right image word"] * 20
 

@@ -716,10 +716,86 @@ def generate_split(
     return datasets.Dataset.from_dict(columns, features=features, split=datasets.NamedSplit(split))
 
 
+SETTINGS_FILE = "synthetic_config.json"  # the settings a dataset folder was built with
+
+
 def simple_config(train_config: SyntheticConfig) -> SyntheticConfig:
     """The `train_simple` split's config: the train split's settings with one shape per image and colour, count
     and position questions in equal shares."""
     return replace(train_config, max_shapes=1, type_weights=SIMPLE_TYPE_WEIGHTS)
+
+
+def _settings(
+    num_train: int, num_validation: int, num_test: int, seed: int, image_size: int | tuple[int, int],
+    type_weights: Mapping[str, float] | None, multi_turn_fraction: float, max_turns: int, low_rating_fraction: float,
+    eval_low_rating_fraction: float, corrupt_low_rated_answers: bool, train_multi_turn_fraction: float | None,
+    train_max_turns: int | None, num_train_simple: int,
+) -> tuple[dict[str, int], dict[str, SyntheticConfig], dict[str, Any]]:
+    """(samples per split, config per split, the settings record `synthetic_config.json` holds, as JSON reads it
+    back) for `build_synthetic_dataset`'s arguments; raises ValueError naming a bad one."""
+    counts = {"train": num_train, "validation": num_validation, "test": num_test, SIMPLE_SPLIT: num_train_simple}
+    for split, n in counts.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"num_{split} must be a non-negative int, got {n!r}")
+    if sum(counts.values()) == 0:
+        raise ValueError("num_train, num_validation and num_test are all 0; ask for at least one sample")
+    train_config = SyntheticConfig(
+        image_size=image_size if isinstance(image_size, int) else tuple(image_size),
+        type_weights=type_weights,
+        multi_turn_fraction=multi_turn_fraction,
+        max_turns=max_turns,
+        low_rating_fraction=low_rating_fraction,
+        corrupt_low_rated_answers=corrupt_low_rated_answers,
+    )
+    eval_config = replace(train_config, low_rating_fraction=eval_low_rating_fraction)
+    try:
+        train_config = replace(
+            train_config,
+            multi_turn_fraction=multi_turn_fraction if train_multi_turn_fraction is None else train_multi_turn_fraction,
+            max_turns=max_turns if train_max_turns is None else train_max_turns,
+        )
+    except ValueError as error:  # name the train-only option the user gave
+        raise ValueError(f"train_{error}") from None
+    configs = {
+        "train": train_config,
+        "validation": eval_config,
+        "test": eval_config,
+        SIMPLE_SPLIT: simple_config(train_config),
+    }
+    record = {
+        "seed": seed,
+        **counts,
+        **asdict(eval_config),
+        "low_rating_fraction": train_config.low_rating_fraction,
+        "eval_low_rating_fraction": eval_low_rating_fraction,
+        "train_multi_turn_fraction": train_config.multi_turn_fraction,
+        "train_max_turns": train_config.max_turns,
+    }
+    return counts, configs, json.loads(json.dumps(record))
+
+
+def recorded_settings(path: str | Path) -> dict[str, Any] | None:
+    """The settings a synthetic dataset folder was built with (its `synthetic_config.json`), or None when the
+    folder has none (not built by `build_synthetic_dataset`)."""
+    record_file = Path(path) / SETTINGS_FILE
+    if not record_file.is_file():
+        return None
+    record = json.loads(record_file.read_text())
+    record.setdefault("train_simple", 0)  # written before the curriculum split existed
+    return record
+
+
+def settings_differences(
+    built: Mapping[str, Any], requested: Mapping[str, Any], flags: Mapping[str, str]
+) -> list[str]:
+    """One "--flag: requested X, built Y" per setting of `requested` that the `built` record holds differently
+    (keys as `synthetic_config.json` names them; `flags` maps each to the option that sets it)."""
+    requested = json.loads(json.dumps(requested))  # tuples -> lists, as the record reads back
+    return [
+        f"--{flags.get(key, key)}: requested {value!r}, built {built.get(key)!r}"
+        for key, value in requested.items()
+        if built.get(key) != value
+    ]
 
 
 def build_synthetic_dataset(
@@ -770,35 +846,11 @@ def build_synthetic_dataset(
     """
     import datasets
 
-    counts = {"train": num_train, "validation": num_validation, "test": num_test, SIMPLE_SPLIT: num_train_simple}
-    for split, n in counts.items():
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"num_{split} must be a non-negative int, got {n!r}")
-    if sum(counts.values()) == 0:
-        raise ValueError("num_train, num_validation and num_test are all 0; ask for at least one sample")
-    train_config = SyntheticConfig(
-        image_size=image_size if isinstance(image_size, int) else tuple(image_size),
-        type_weights=type_weights,
-        multi_turn_fraction=multi_turn_fraction,
-        max_turns=max_turns,
-        low_rating_fraction=low_rating_fraction,
-        corrupt_low_rated_answers=corrupt_low_rated_answers,
+    counts, configs, record = _settings(
+        num_train, num_validation, num_test, seed, image_size, type_weights, multi_turn_fraction, max_turns,
+        low_rating_fraction, eval_low_rating_fraction, corrupt_low_rated_answers, train_multi_turn_fraction,
+        train_max_turns, num_train_simple,
     )
-    eval_config = replace(train_config, low_rating_fraction=eval_low_rating_fraction)
-    try:
-        train_config = replace(
-            train_config,
-            multi_turn_fraction=multi_turn_fraction if train_multi_turn_fraction is None else train_multi_turn_fraction,
-            max_turns=max_turns if train_max_turns is None else train_max_turns,
-        )
-    except ValueError as error:  # name the train-only option the user gave
-        raise ValueError(f"train_{error}") from None
-    configs = {
-        "train": train_config,
-        "validation": eval_config,
-        "test": eval_config,
-        SIMPLE_SPLIT: simple_config(train_config),
-    }
     splits = {}
     for split, n in counts.items():
         if n == 0:
@@ -824,16 +876,7 @@ def build_synthetic_dataset(
             if (out / split / "state.json").is_file():
                 shutil.rmtree(out / split)
                 logger.info("removed stale %s", out / split)
-        record = {
-            "seed": seed,
-            **counts,
-            **asdict(eval_config),
-            "low_rating_fraction": train_config.low_rating_fraction,
-            "eval_low_rating_fraction": eval_low_rating_fraction,
-            "train_multi_turn_fraction": train_config.multi_turn_fraction,
-            "train_max_turns": train_config.max_turns,
-        }
-        (out / "synthetic_config.json").write_text(json.dumps(record, indent=2) + "\n")
+        (out / SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
         logger.info("wrote %s (save_to_disk%s)", out, " + parquet/" if write_parquet else "")
     return dataset
 
@@ -1044,7 +1087,44 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="give low-rated turns a wrong answer",
     )
     parser.add_argument("--no_parquet", action="store_true", help="skip the parquet copies")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rebuild into --output_dir even when it holds data built with other settings (otherwise refused)",
+    )
     return parser
+
+
+# synthetic_config.json key -> the option of this command that sets it
+_CLI_FLAGS = {
+    "train": "num_train", "validation": "num_validation", "test": "num_test", SIMPLE_SPLIT: "num_train_simple",
+}
+
+
+def _existing_dataset(args: argparse.Namespace) -> bool:
+    """True when --output_dir already holds the dataset these arguments build (reuse it); False when there is
+    nothing there or --overwrite is given (build); raises ValueError when it holds other data."""
+    out = Path(args.output_dir)
+    if args.overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return False
+    built = recorded_settings(out)
+    if built is None:
+        raise ValueError(
+            f"--output_dir {out} exists and is not a synthetic dataset (no {SETTINGS_FILE}); choose another "
+            "--output_dir, or pass --overwrite to build into it"
+        )
+    _, _, requested = _settings(
+        args.num_train, args.num_validation, args.num_test, args.seed, args.image_size, args.type_weights,
+        args.multi_turn_fraction, args.max_turns, args.low_rating_fraction, args.eval_low_rating_fraction,
+        args.corrupt_low_rated_answers, args.train_multi_turn_fraction, args.train_max_turns, args.num_train_simple,
+    )
+    differences = settings_differences(built, requested, _CLI_FLAGS)
+    if differences:
+        raise ValueError(
+            f"--output_dir {out} holds a synthetic dataset built with other settings ({'; '.join(differences)}); "
+            "pass --overwrite to rebuild it, or choose another --output_dir"
+        )
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -1052,7 +1132,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        dataset = build_synthetic_dataset(
+        reuse = _existing_dataset(args)
+    except ValueError as error:
+        build_arg_parser().error(str(error))
+    if reuse:
+        import datasets
+
+        print(f"{args.output_dir} already holds this dataset (built with the same settings): reusing it.")
+        dataset = datasets.load_from_disk(args.output_dir)
+    else:
+        dataset = _build_from_args(args)
+    split = next(s for s in ("test", "validation", "train", SIMPLE_SPLIT) if s in dataset)
+    report = blind_guess_report(dataset, split=split)
+    per_question = blind_guess_report(dataset, split=split, per_question=True)
+    source = "train" if "train" in dataset else split
+    print(f"blind guess on {split} (majority answers from {source}):")
+    print(format_blind_guess_table(report, per_question))
+    return {t: e["accuracy"] for t, e in report.items()}
+
+
+def _build_from_args(args: argparse.Namespace) -> datasets.DatasetDict:
+    try:
+        return build_synthetic_dataset(
             args.output_dir,
             args.num_train,
             args.num_validation,
@@ -1072,13 +1173,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         )
     except ValueError as error:
         build_arg_parser().error(str(error))
-    split = next(s for s in ("test", "validation", "train", SIMPLE_SPLIT) if s in dataset)
-    report = blind_guess_report(dataset, split=split)
-    per_question = blind_guess_report(dataset, split=split, per_question=True)
-    source = "train" if "train" in dataset else split
-    print(f"blind guess on {split} (majority answers from {source}):")
-    print(format_blind_guess_table(report, per_question))
-    return {t: e["accuracy"] for t, e in report.items()}
 
 
 __all__ = [
@@ -1104,8 +1198,10 @@ __all__ = [
     "iter_samples",
     "majority_answers",
     "normalize_answer",
+    "recorded_settings",
     "render_scene",
     "sample_rng",
+    "settings_differences",
     "side_of",
     "simple_config",
     "synthetic_features",

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.api.registry import register_model
-from transformers import AutoProcessor, PreTrainedModel
+from transformers import AutoProcessor
 
 from ..devices import resolve_device, resolve_dtype
 from ..image_processing_nanovlm import load_image
@@ -246,8 +246,9 @@ class NanoVLMLmms(lmms):
 
     Args:
         pretrained: checkpoint folder or hub id (a LoRA adapter folder is merged into its base model), or a
-            `NanoVLMForConditionalGeneration` object (then `processor` is required, and the model keeps its device
-            and dtype unless `device` / `dtype` are given).
+            `NanoVLMForConditionalGeneration` object, or a PEFT (LoRA) model around one, as a training job holds it
+            (then `processor` is required, and the model keeps its device and dtype unless `device` / `dtype` are
+            given).
         processor: the `NanoVLMProcessor` to use with a model object (loaded from `pretrained` otherwise).
         device: "cuda", "cuda:1", "cpu" or None/"auto". Under torchrun/accelerate with several processes on GPUs,
             each process uses cuda:LOCAL_RANK.
@@ -264,7 +265,7 @@ class NanoVLMLmms(lmms):
 
     def __init__(
         self,
-        pretrained: str | os.PathLike | PreTrainedModel | None = None,
+        pretrained: str | os.PathLike | torch.nn.Module | None = None,
         processor: NanoVLMProcessor | None = None,
         device: str | torch.device | None = None,
         batch_size: int | str = 8,
@@ -293,7 +294,8 @@ class NanoVLMLmms(lmms):
 
             self.accelerator = Accelerator()  # joins the launcher's process group; lmms-eval gathers through it
 
-        if isinstance(pretrained, PreTrainedModel):
+        # A model object: a PreTrainedModel, or a PeftModel (not one, but it forwards generate/device/dtype to it).
+        if isinstance(pretrained, torch.nn.Module):
             if processor is None:
                 raise ValueError(f"{MODEL_ID} with a model object needs its processor: pass processor=...")
             self._model, self.processor = pretrained, processor

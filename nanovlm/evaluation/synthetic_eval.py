@@ -41,8 +41,11 @@ def evaluate_synthetic(
 ) -> dict[str, float]:
     """{question type: accuracy, ..., "overall": accuracy} of greedy answers on `split` of the synthetic dataset at
     `data_path` (a save_to_disk folder), computed by lmms-eval. Raises RuntimeError with lmms-eval's message when the
-    task fails (a missing split, a crash inside lmms-eval)."""
-    from .lmms import NanoVLMLmms, evaluate_tasks
+    task fails (a missing split, a crash inside lmms-eval).
+
+    Under several processes (torchrun, accelerate) every process must call it: lmms-eval shares the questions among
+    them and returns the metrics to rank 0 only; the other processes get {}."""
+    from .lmms import NanoVLMLmms, distributed_context, evaluate_tasks
 
     tasks_dir = Path(tasks_dir)
     if not (tasks_dir / TASK).is_dir():
@@ -61,6 +64,8 @@ def evaluate_synthetic(
         model.train(was_training)
     if TASK in report.failed_tasks:
         raise RuntimeError(f"lmms-eval could not evaluate {TASK} on {data_path} ({split}): {report.failed_tasks[TASK]}")
+    if distributed_context()[0] != 0:
+        return {}
     return accuracy_from_metrics(report.results)
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -531,6 +532,16 @@ class DataArguments:
 # training
 
 
+def _accelerator_available() -> bool:
+    """A GPU (or another torch accelerator) that Trainer would place each process on."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available()
+
+
 def _bf16_supported() -> bool:
     """True when a CUDA GPU with native bf16 is present (CPUs here have none: bf16 made CPU steps 5-33x slower)."""
     import torch
@@ -848,6 +859,20 @@ class NanoVLMTrainingArguments(TrainingArguments):
             )
         return errors
 
+    def _use_cpu_for_several_processes_without_gpu(self) -> None:
+        """Under torchrun / `accelerate launch` with several processes and no GPU, Trainer joins them into one DDP
+        job on gloo only with `use_cpu`; without it every process trains alone on all the data, into one output
+        folder. Set it, and say so once."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if self.use_cpu or world_size < 2 or _accelerator_available():
+            return
+        self.use_cpu = True
+        if os.environ.get("RANK", "0") == "0":
+            logger.warning(
+                "%d processes and no GPU: training them as one DDP job on CPU (gloo), as with --use_cpu true.",
+                world_size,
+            )
+
     def _resolve_defaults(self) -> None:
         """Map nanoVLM's knobs onto TrainingArguments' fields before `TrainingArguments.__post_init__` sees them."""
         if isinstance(self.lr_scheduler_kwargs, str):  # a JSON object from the CLI, checked in _check_schedule_mirrors
@@ -863,6 +888,7 @@ class NanoVLMTrainingArguments(TrainingArguments):
                     "--%s=%r is unused: NanoVLMTrainer follows --%s; setting it to %r", name, given, knob, mirror
                 )
             setattr(self, name, mirror)
+        self._use_cpu_for_several_processes_without_gpu()
         if self.bf16 is None:
             self.bf16 = bool(not self.use_cpu and not self.fp16 and _bf16_supported())
         self.torch_compile = self.torch_compile or self.compile

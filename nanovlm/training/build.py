@@ -6,7 +6,6 @@ Kept out of `train_accelerate.py` so each piece is importable and tested on its 
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import math
 import os
@@ -61,16 +60,12 @@ def _synthetic_request(data_args, training_args) -> dict:
 
 def _check_existing_synthetic(path: Path, data_args, training_args) -> None:
     """An existing synthetic dataset built with other settings is an error, not silently reused."""
-    record_file = path / "synthetic_config.json"
-    if not record_file.is_file():  # not built by us: use it as given
+    from ..data.synthetic import recorded_settings, settings_differences
+
+    built = recorded_settings(path)
+    if built is None:  # not built by us: use it as given
         return
-    record = json.loads(record_file.read_text())
-    record.setdefault("train_simple", 0)  # written before the curriculum split existed
-    differences = [
-        f"--{_SYNTHETIC_FLAGS[key]}: requested {value!r}, built {record.get(key)!r}"
-        for key, value in _synthetic_request(data_args, training_args).items()
-        if record.get(key) != value
-    ]
+    differences = settings_differences(built, _synthetic_request(data_args, training_args), _SYNTHETIC_FLAGS)
     if differences:
         raise UsageError(
             f"The synthetic dataset in {path} was built with other settings ({'; '.join(differences)}). Delete the "

@@ -77,6 +77,19 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+def completed_step(output_dir: str, resume_from_checkpoint: str | bool | None, max_steps: int) -> int | None:
+    """The step of the checkpoint a resume would start from when it already reached `max_steps` (the run is complete:
+    resuming would train an extra step and overwrite its outputs), else None. Only a positive `max_steps` is
+    checked; an epoch-based run resumes as Trainer decides."""
+    if str(resume_from_checkpoint).lower() == "true":
+        resume_from_checkpoint = last_complete_checkpoint(output_dir)
+    if not resume_from_checkpoint or max_steps <= 0 or not is_complete_checkpoint(resume_from_checkpoint):
+        return None
+    with open(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)) as f:
+        step = json.load(f).get("global_step", 0)
+    return step if step >= max_steps else None
+
+
 class NanoVLMTrainer(Trainer):
     """Trainer for NanoVLM; `args` is a `NanoVLMTrainingArguments`."""
 
@@ -250,7 +263,8 @@ class NanoVLMTrainer(Trainer):
         logs["data/skipped_total"] = float(sum(self.skip_counts.values()))
         for reason, n in sorted(self.skip_counts.items()):
             logs[f"data/skipped/{reason}"] = float(n)
-        logs["train/nonfinite_steps_skipped"] = float(self.nonfinite_guard.total_skipped)
+        # no "train/" prefix: wandb's callback prefixes every training key with it (next to loss, grad_norm)
+        logs["nonfinite_steps_skipped"] = float(self.nonfinite_guard.total_skipped)
         self._reset_window()
         return logs
 
@@ -437,6 +451,16 @@ class NanoVLMTrainer(Trainer):
                 self._restore_data_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """Trainer's check, without the false alarm for tied weights: a checkpoint stores a tied lm_head once, as the
+        input embeddings, so `load_state_dict` reports `lm_head.weight` missing although loading the embeddings
+        filled it (the same tensor)."""
+        params = dict(self.accelerator.unwrap_model(self.model).named_parameters(remove_duplicate=False))
+        missing = set(load_result.missing_keys)
+        loaded = {p.data_ptr() for name, p in params.items() if name not in missing}
+        really_missing = [k for k in load_result.missing_keys if k not in params or params[k].data_ptr() not in loaded]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=really_missing))
+
     def _restore_data_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, DATA_STATE_NAME)
         dataset = self.train_dataset
@@ -495,4 +519,4 @@ def _dataset_name(dataset: Any) -> str | None:
     return None
 
 
-__all__ = ["NanoVLMTrainer", "last_complete_checkpoint", "is_complete_checkpoint"]
+__all__ = ["NanoVLMTrainer", "completed_step", "last_complete_checkpoint", "is_complete_checkpoint"]
