@@ -3,7 +3,10 @@
 A sample is exactly what the packer and the collator consume::
 
     {"input_ids": LongTensor (T,), "labels": LongTensor (T,),
-     "pixel_values": FloatTensor (n_tiles, 3, S, S) or None, "n_images": int}
+     "pixel_values": uint8 tensor (n_tiles, 3, S, S) or None, "n_images": int}
+
+(`pixel_values` stay uint8 until the model normalises them; `SampleBuilder(uint8_tiles=False)` gives the
+processor's normalised float32 instead.)
 
 `labels` equal `input_ids` on every assistant reply and its `<|im_end|>` (the chat template's generation markers)
 and -100 elsewhere; they are unshifted (the model shifts them).
@@ -15,7 +18,12 @@ Images are decoded here (not by `datasets`), so a corrupt image is a `bad_image`
 `datasets` rows with image decoding off. Unusual modes (P with transparency, LA, CMYK, I;16, 1, ...) are converted
 to RGB (transparency composited on white) and kept.
 
-Two adapters turn a row source into the packer's sample source (`nanovlm.data.packing.PackedDataset`):
+Two stages per row: `SampleBuilder.measure(row)` gives the sample's exact token length, image and tile counts from
+the text and the image headers (no pixel decoded) and applies every skip rule that needs no pixels;
+`SampleBuilder.build(row, measure=...)` decodes, tiles and tokenizes later, for the pack about to be yielded.
+
+Two adapters turn a row source into the packer's sample source (`nanovlm.data.packing.PackedDataset`), each with
+`measure_from(start, stride)` / `build_measured(item)` for that two-stage reading:
 `SampleDataset` (map-style: `__len__`, `__getitem__` -> sample or None, optional per-epoch permutation) and
 `SampleStream` (a stream, e.g. a streaming `datasets.IterableDataset`: `iter_from(start, stride)`).
 

@@ -119,7 +119,7 @@ def load_rows(data_args, training_args):
     else:
         rows, eval_rows = split_train_val(rows, data_args.val_size, seed=training_args.seed)
     if data_args.streaming:
-        rows = shuffle_dataset(rows, seed=training_args.seed)
+        rows = shuffle_dataset(rows, seed=training_args.seed, buffer_size=data_args.stream_shuffle_buffer_size)
     return rows, eval_rows
 
 
