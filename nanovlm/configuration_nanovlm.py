@@ -62,6 +62,10 @@ class NanoVLMConfig(PreTrainedConfig):
             Id of the image-feature token in the text vocabulary (set by the tokenizer builder).
         tie_word_embeddings (`bool`, *optional*):
             Tie `lm_head` to the input embeddings; defaults to the text config's value.
+        image_mean, image_std (`list[float]`, *optional*):
+            The image processor's normalisation (R, G, B), applied by the model to uint8 `pixel_values` (training
+            tiles stay uint8 until the device); float `pixel_values` are used as given. Default SigLIP's 0.5/0.5;
+            mean 0 and std 1 when the processor does not normalise. Training sets them from its processor.
 
     Example:
     ```python
@@ -85,6 +89,8 @@ class NanoVLMConfig(PreTrainedConfig):
     pixel_shuffle_factor: int = 4
     image_token_id: int | None = None
     tie_word_embeddings: bool | None = None
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
 
     def __post_init__(self, **kwargs):
         for key in ("vision_config", "text_config"):
@@ -109,6 +115,16 @@ class NanoVLMConfig(PreTrainedConfig):
         self.vision_config.vision_use_head = False
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        for key in ("image_mean", "image_std"):
+            value = getattr(self, key)
+            if value is None:
+                setattr(self, key, [0.5, 0.5, 0.5])  # SigLIP's, as the image processor's default
+            elif not (isinstance(value, (list, tuple)) and len(value) == 3):
+                raise ValueError(f"`{key}` must be three numbers (R, G, B), got {value!r}.")
+            else:
+                setattr(self, key, [float(v) for v in value])
+        if min(self.image_std) <= 0:
+            raise ValueError(f"`image_std` must be positive, got {self.image_std}.")
         self.validate_sizes()
 
     def validate_sizes(self) -> None:

@@ -14,6 +14,7 @@ This file is copied next to the weights by `save_pretrained`; it imports only tr
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import math
 import os
@@ -89,34 +90,56 @@ def _open_header(fp, max_pixels: int | None) -> Image.Image:
         return Image.open(fp)
 
 
+def _open_image(image, max_pixels: int | None) -> Image.Image:
+    """`image` (see `load_image`) as a PIL image whose header is read and checked, pixels not yet decoded."""
+    if isinstance(image, dict):  # datasets' Image feature without decoding
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        image = _open_header(io.BytesIO(image), max_pixels)
+    elif isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise ValueError(f"Image file not found: {image}")
+        image = _open_header(image, max_pixels)
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        raise TypeError(
+            f"Unsupported image type {type(image).__name__}; pass a PIL image, a path, bytes or a numpy array."
+        )
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ValueError(f"Image has zero size ({width}x{height}).")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"Image of {width}x{height} = {width * height} pixels exceeds the cap of {max_pixels} pixels "
+            "(decompression-bomb guard)."
+        )
+    return image
+
+
+def image_size(image, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) of an image read from its header only, without decoding its pixels (a few kB read instead
+    of a full decode: what the training data's measure stage uses to size samples before packing them).
+
+    Accepts what `load_image` accepts and raises the same errors for what the header already tells: missing file,
+    unknown format, zero size, more than `max_pixels` (`ImageTooLargeError`). A file whose header is fine but whose
+    pixels are corrupt passes here and fails in `load_image`.
+    """
+    try:
+        return _open_image(image, max_pixels).size
+    except (ValueError, TypeError):
+        raise
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"Cannot decode image: {type(err).__name__}: {err}") from err
+
+
 def load_image(image, max_pixels: int | None = None) -> Image.Image:
     """Open a PIL image, path, bytes, numpy array (HW or HWC) or {"bytes"/"path"} dict as an RGB PIL image.
 
     Raises ValueError naming the problem for corrupt, truncated, empty or oversized images.
     """
-    if isinstance(image, dict):  # datasets' Image feature without decoding
-        image = image.get("bytes") or image.get("path")
     try:
-        if isinstance(image, (bytes, bytearray)):
-            image = _open_header(io.BytesIO(image), max_pixels)
-        elif isinstance(image, (str, os.PathLike)):
-            if not os.path.isfile(image):
-                raise ValueError(f"Image file not found: {image}")
-            image = _open_header(image, max_pixels)
-        elif isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        elif not isinstance(image, Image.Image):
-            raise TypeError(
-                f"Unsupported image type {type(image).__name__}; pass a PIL image, a path, bytes or a numpy array."
-            )
-        width, height = image.size
-        if width == 0 or height == 0:
-            raise ValueError(f"Image has zero size ({width}x{height}).")
-        if max_pixels is not None and width * height > max_pixels:
-            raise ImageTooLargeError(
-                f"Image of {width}x{height} = {width * height} pixels exceeds the cap of {max_pixels} pixels "
-                "(decompression-bomb guard)."
-            )
+        image = _open_image(image, max_pixels)
         # Truncated files must fail, whatever a library imported earlier set globally (lmms-eval turns PIL's
         # LOAD_TRUNCATED_IMAGES on at import, which would silently decode half an image).
         saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
@@ -130,6 +153,15 @@ def load_image(image, max_pixels: int | None = None) -> Image.Image:
         raise
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise ValueError(f"Cannot decode image: {type(err).__name__}: {err}") from err
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) -> float32: / 255, then (x - mean) / std per channel. The one definition of the
+    normalisation, used by the image processor (inference) and by the model (training tiles arrive as uint8)."""
+    x = pixels.to(torch.float32).div_(255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return x.sub_(mean_t).div_(std_t)
 
 
 def resized_size(height: int, width: int, tile_size: int, max_image_size: int, upscale: bool) -> tuple[int, int]:
@@ -214,36 +246,61 @@ class NanoVLMImageProcessor(BaseImageProcessor):
         self.global_view_from = global_view_from
         self.max_pixels = int(max_pixels)
 
-    def split_image(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
-        """One RGB image -> (tiles (n, 3, S, S) float in [0, 1] or normalised, (rows, cols))."""
+    # Training sets this on its own copy (see `as_uint8`): tiles then stay uint8 in [0, 255] and the model
+    # rescales and normalises them on the device, with the mean/std recorded in its config. Not an __init__
+    # argument, so saved processors (and inference) always return normalised floats.
+    output_uint8: bool = False
+
+    def as_uint8(self) -> NanoVLMImageProcessor:
+        """A copy of this processor whose tiles are uint8 (0-255, not rescaled or normalised): 4x less host memory
+        and host-to-device traffic. The model normalises uint8 pixel values itself (`NanoVLMModel.get_image_features`)."""
+        clone = copy.copy(self)
+        clone.output_uint8 = True
+        return clone
+
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        """(rows, cols) of the tile grid of an image of this size (also known from its header alone)."""
         s = self.tile_size
-        height, width = resized_size(image.height, image.width, s, self.max_image_size, self.upscale)
-        rows, cols = height // s, width // s
+        resized_height, resized_width = resized_size(height, width, s, self.max_image_size, self.upscale)
+        rows, cols = resized_height // s, resized_width // s
         if rows > self.max_grid or cols > self.max_grid:
-            raise ValueError(
-                f"Image grid {rows}x{cols} exceeds max_grid {self.max_grid}; lower max_image_size."
-            )
-        resized = image.resize((width, height), resample=self.resample)
-        pixels = self._to_tensor(resized)  # (3, rows*S, cols*S)
+            raise ValueError(f"Image grid {rows}x{cols} exceeds max_grid {self.max_grid}; lower max_image_size.")
+        return rows, cols
+
+    def split_image(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One RGB image -> (tiles (n, 3, S, S), (rows, cols)): float in [0, 1] or normalised, or uint8 when
+        `output_uint8`."""
+        s = self.tile_size
+        rows, cols = self.grid(image.width, image.height)
+        resized = image.resize((cols * s, rows * s), resample=self.resample)
+        pixels = self._to_uint8_tensor(resized)  # (3, rows*S, cols*S)
         tiles = pixels.reshape(3, rows, s, cols, s).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, s, s)
         if rows * cols > 1:
             if self.global_view_from == "resized":
                 # nanoVLM: the resized image downscaled bilinearly with antialiasing (torchvision's tensor resize)
-                global_view = F.interpolate(pixels.unsqueeze(0), size=(s, s), mode="bilinear", align_corners=False,
+                # (on floats; uint8 output rounds the result, a difference of at most half a grey level)
+                source = pixels.float() if self.output_uint8 else self.normalize_tiles(pixels)
+                global_view = F.interpolate(source.unsqueeze(0), size=(s, s), mode="bilinear", align_corners=False,
                                             antialias=True)
+                if self.output_uint8:
+                    global_view = global_view.round_().clamp_(0, 255).to(torch.uint8)
             else:
-                global_view = self._to_tensor(image.resize((s, s), resample=self.resample)).unsqueeze(0)
+                global_view = self._to_uint8_tensor(image.resize((s, s), resample=self.resample)).unsqueeze(0)
+                global_view = global_view if self.output_uint8 else self.normalize_tiles(global_view)
+            tiles = tiles if self.output_uint8 else self.normalize_tiles(tiles)
             parts = (global_view, tiles) if self.global_image_position == "first" else (tiles, global_view)
-            tiles = torch.cat(parts, dim=0)
-        return tiles, (rows, cols)
+            return torch.cat(parts, dim=0), (rows, cols)
+        return (tiles if self.output_uint8 else self.normalize_tiles(tiles)), (rows, cols)
 
-    def _to_tensor(self, image: Image.Image) -> torch.Tensor:
-        arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-        if self.do_normalize:
-            mean = torch.tensor(self.image_mean).view(3, 1, 1)
-            std = torch.tensor(self.image_std).view(3, 1, 1)
-            arr = (arr - mean) / std
-        return arr
+    @staticmethod
+    def _to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+
+    def normalize_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 tiles (..., 3, S, S) -> float32 in [0, 1], normalised with image_mean/std when `do_normalize`.
+        The model does the same on the device for uint8 inputs (same operations, same order)."""
+        mean, std = (self.image_mean, self.image_std) if self.do_normalize else ((0.0,) * 3, (1.0,) * 3)
+        return normalize_pixels(tiles, mean, std)
 
     def preprocess(self, images, return_tensors=None, **kwargs) -> BatchFeature:
         """Process one image or a (nested) list of images. Extra kwargs are accepted for processor compatibility."""
@@ -278,4 +335,7 @@ def _flatten(images):
         yield images
 
 
-__all__ = ["NanoVLMImageProcessor", "ImageTooLargeError", "load_image", "to_rgb", "resized_size"]
+__all__ = [
+    "NanoVLMImageProcessor", "ImageTooLargeError", "image_size", "load_image", "normalize_pixels", "to_rgb",
+    "resized_size",
+]

@@ -34,6 +34,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Generation
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_nanovlm import NanoVLMConfig
+from .image_processing_nanovlm import normalize_pixels
 from .model_card_nanovlm import card_tags_from, load_training_info, save_training_info, write_model_card
 
 logger = logging.getLogger(__name__)
@@ -142,13 +143,18 @@ class NanoVLMModel(NanoVLMPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N_tiles, 3, S, S) pixels -> (N_tiles, image_seq_len, H_text) image embeddings."""
+        """(N_tiles, 3, S, S) pixels -> (N_tiles, image_seq_len, H_text) image embeddings. Float pixels are used as
+        given (the processor normalised them); uint8 pixels (0-255) are normalised here with `config.image_mean/std`."""
         size = self.config.vision_config.image_size
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
             raise ValueError(
                 f"pixel_values must have shape (num_tiles, 3, {size}, {size}), got {tuple(pixel_values.shape)}. "
                 "Use the NanoVLM image processor, which splits images into tiles of the vision tower's size."
             )
+        if pixel_values.dtype == torch.uint8:
+            # Training tiles stay uint8 until here (4x less host memory and transfer): normalise on the device with
+            # the processor's mean/std recorded in the config, the same operations as the processor's float output.
+            pixel_values = normalize_pixels(pixel_values, self.config.image_mean, self.config.image_std)
         pixel_values = pixel_values.to(self.vision_tower.dtype)
         features = self.vision_tower(pixel_values=pixel_values).last_hidden_state  # (N, n_patches, D_vision)
         return self.multi_modal_projector(features)

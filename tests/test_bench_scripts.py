@@ -148,3 +148,17 @@ def test_original_differences_compares_every_run_with_the_original(tmp_path):
     assert (counts[0] == counts[1]) == (abs(losses[0] - losses[1]) < 1e-6)
     assert original["last_micro_batch_vs_step_mean"] >= 0
     assert {row["run"] for row in report["comparisons"]} == {"global_tokens", "exempt", "nanovlm"}
+
+
+def test_pipeline_memory_reports_every_buffer_and_its_fill(tmp_path):
+    bench = load_script("pipeline_memory")
+    out = tmp_path / "pipeline_memory.json"
+    bench.main(["--buffers", "4", "8", "--packs", "2", "--shuffle_buffer", "10", "--fraction_samples", "200",
+                "--out", str(out)])
+    report = read(out)
+    runs = {r["buffer"]: r for r in report["runs"]}
+    assert set(runs) == {4, 8}
+    assert all(r["rows_measured"] + sum(r["skipped"].values()) >= r["buffer"] for r in runs.values())
+    assert all(r["samples_built"] >= 2 and r["peak_rss_mib"] >= r["start_rss_mib"] for r in runs.values())
+    assert all(0 < r["real_token_fraction"] <= 1 for r in runs.values())
+    assert report["summary"]["h100_40pct_mfu_tokens_per_s"] > 0

@@ -114,7 +114,8 @@ def test_labels_are_the_assistant_replies_with_im_end(builder, tiny_processor):
     assert decoded == "".join(a + "<|im_end|>" for a in answers)
     # images: 70x40 -> 2x3 tiles + global view (7 tiles), 20x20 -> 1 tile; 4 image tokens per tile
     assert sample["n_images"] == 2
-    assert sample["pixel_values"].shape == (8, 3, 32, 32) and sample["pixel_values"].dtype == torch.float32
+    # tiles stay uint8 until the model normalises them (SampleBuilder's uint8_tiles)
+    assert sample["pixel_values"].shape == (8, 3, 32, 32) and sample["pixel_values"].dtype == torch.uint8
     image_id = tiny_processor.image_token_id
     assert int((ids == image_id).sum()) == 8 * tiny_processor.image_seq_len
     assert not labels[ids == image_id].ne(IGNORE_INDEX).any()
@@ -134,7 +135,8 @@ def test_sample_matches_the_processors_own_tensor_output(builder, tiny_processor
     assert torch.equal(sample["input_ids"], reference["input_ids"][0])
     mask = torch.as_tensor(reference["assistant_masks"])[0].bool()
     assert torch.equal(sample["labels"] != IGNORE_INDEX, mask)
-    assert torch.equal(sample["pixel_values"], reference["pixel_values"].float())
+    pixels = tiny_processor.image_processor.normalize_tiles(sample["pixel_values"])  # what the model does to uint8
+    assert torch.equal(pixels, reference["pixel_values"].float())
 
 
 def test_text_only_sample_has_no_pixel_values(builder):
@@ -328,9 +330,7 @@ def _one_bit() -> Image.Image:
 def test_unusual_modes_are_converted_to_sane_rgb(builder, tiny_processor, make, corner, rest):
     sample, reason = builder.build(_row(GOOD_TURN, images=[make()]))
     assert reason is None and sample["pixel_values"].shape == (1, 3, 32, 32)  # one 32x32 tile: no resampling
-    ip = tiny_processor.image_processor
-    mean, std = torch.tensor(ip.image_mean).view(3, 1, 1), torch.tensor(ip.image_std).view(3, 1, 1)
-    rgb = (sample["pixel_values"][0] * std + mean) * 255  # (3, 32, 32)
+    rgb = sample["pixel_values"][0].float()  # (3, 32, 32) uint8 tiles: the RGB values themselves
     assert torch.allclose(rgb[:, 0, 0], torch.tensor(corner, dtype=torch.float), atol=3)
     assert torch.allclose(rgb[:, 16, 16], torch.tensor(rest, dtype=torch.float), atol=3)
 

@@ -8,9 +8,12 @@ What is here, and what is non-standard:
 - `nanovlm_balanced_greedy` re-implements the original nanoVLM packer as a baseline for `bench/packing.py`.
 - `real_token_fraction` measures how much of a batch is real tokens, for rows padded to the longest row of each
   batch (what `PackedCollator` does) or to a fixed length (what nanoVLM does).
-- `PackedDataset` reads processed samples from a source in rounds of `buffer_size` positions, packs each round on
-  its own (no carry-over between rounds, so resuming is exact), shuffles the pack order with a seeded
-  `random.Random`, and yields packs that each carry the state needed to resume right after them.
+- `PackedDataset` reads a source in rounds of `buffer_size` positions, packs each round on its own (no carry-over
+  between rounds, so resuming is exact), shuffles the pack order with a seeded `random.Random`, and yields packs
+  that each carry the state needed to resume right after them. With a *measuring* source (`measure_from`, see
+  `Measured`) a round holds only each row's measures and what the source needs to build it later (a row index, or
+  the undecoded row of a stream): packing plans on the measures, and a pack's samples are built (images decoded
+  and tiled) only when the pack is yielded. Host memory then does not grow with decoded pixels per buffered sample.
 
 Pack format (what `PackedDataset` yields and `PackedCollator` consumes)::
 
@@ -31,7 +34,7 @@ import math
 import random
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -41,6 +44,7 @@ STATE_FORMAT = "nanovlm.PackedDataset/1"
 NANOVLM_EXTRA_PACKS = 5  # nanoVLM opens ceil(total length / seq_length) + 5 packs up front
 
 __all__ = [
+    "Measured",
     "PackedDataset",
     "combine_pack_states",
     "group_lengths",
@@ -48,6 +52,19 @@ __all__ = [
     "nanovlm_balanced_greedy",
     "real_token_fraction",
 ]
+
+
+class Measured(NamedTuple):
+    """A row measured but not built: what the packer plans with, and the key its source builds it from.
+
+    `length` is the exact token count of the sample the row becomes, `n_images` its images, `n_tiles` its image tiles
+    (global views included); `key` is the source's own handle (a row index, or a stream's undecoded row).
+    """
+
+    length: int
+    n_images: int
+    n_tiles: int
+    key: Any
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,6 +379,10 @@ class PackedDataset(IterableDataset):
 
     Source protocol (one of, checked in this order):
 
+    - measuring source with `measure_from(start, stride)` and `build_measured(item)`: the first yields a `Measured`
+      (or None for a skipped row) per position, the second turns one into a sample (or None: dropped from its pack
+      at build time, e.g. a corrupt image; the pack's other samples still train, a pack left empty is not yielded).
+      Only the samples of the pack about to be yielded are built;
     - stream with `iter_from(start, stride)`: yields the samples at positions start, start+stride, ... (lets the
       source skip cheaply, e.g. before decoding images);
     - map-style: `__len__` and `__getitem__(int)`;
@@ -393,7 +414,9 @@ class PackedDataset(IterableDataset):
         source: the processed samples (see the protocol above).
         seq_length: the most tokens per pack.
         max_images_per_pack: the most images (or tiles, see `image_unit`) per pack; None for no cap.
-        buffer_size: source positions per worker per round; bigger packs tighter but delays the first pack.
+        buffer_size: source positions per worker per round; bigger packs tighter but delays the first pack. With a
+            measuring source a buffered row costs its measures plus its key (an int, or a stream's undecoded row);
+            otherwise a whole built sample with its pixels.
         seed: seeds the pack order shuffle.
         infinite: loop over epochs forever; False stops after the epoch the state is in.
         image_unit: what the image cap counts: "images" (sample["n_images"]) or "tiles" (pixel_values.shape[0]).
@@ -477,22 +500,25 @@ class PackedDataset(IterableDataset):
         if hasattr(self.source, "set_epoch"):
             self.source.set_epoch(epoch)
         first = worker + start * num_workers
+        if hasattr(self.source, "measure_from"):
+            return iter(self.source.measure_from(first, num_workers))
         if hasattr(self.source, "iter_from"):
             return iter(self.source.iter_from(first, num_workers))
         if hasattr(self.source, "__getitem__") and hasattr(self.source, "__len__"):
             return (self.source[i] for i in range(first, len(self.source), num_workers))
         return itertools.islice(iter(self.source), first, None, num_workers)
 
-    def _measure(self, sample: Mapping[str, Any], position: int) -> tuple[int, int]:
-        """(token length, image count) of the sample at source `position`, checked against the caps."""
-        length = len(sample["input_ids"])
-        pixel_values = sample.get("pixel_values")
-        if self.image_unit == "tiles":
-            images = 0 if pixel_values is None else int(pixel_values.shape[0])
+    def _measure(self, sample: Mapping[str, Any] | Measured, position: int) -> tuple[int, int]:
+        """(token length, image count) of the sample (or measured row) at source `position`, checked against the
+        caps."""
+        if isinstance(sample, Measured):
+            length, images = sample.length, sample.n_tiles if self.image_unit == "tiles" else sample.n_images
         else:
-            images = sample.get("n_images")
+            length, pixel_values = len(sample["input_ids"]), sample.get("pixel_values")
+            tiles = 0 if pixel_values is None else int(pixel_values.shape[0])
+            images = tiles if self.image_unit == "tiles" else sample.get("n_images")
             if images is None:  # conservative: count tiles
-                images = 0 if pixel_values is None else int(pixel_values.shape[0])
+                images = tiles
         if length > self.seq_length:
             raise ValueError(
                 f"sample at source position {position} has {length} tokens, more than seq_length={self.seq_length}: "
@@ -505,8 +531,13 @@ class PackedDataset(IterableDataset):
             )
         return length, int(images)
 
+    def _build_pack(self, group: list[Any]) -> list[dict]:
+        """The samples of one pack: measured rows are built now; those that fail now (counted) are left out."""
+        samples = [self.source.build_measured(x) if isinstance(x, Measured) else x for x in group]
+        return [sample for sample in samples if sample is not None]
+
     def _round_packs(self, samples: list[Any], epoch: int, worker: int, num_workers: int, start: int) -> list[list]:
-        """Pack one round's samples and shuffle the pack order deterministically."""
+        """Pack one round's samples (or measured rows) and shuffle the pack order deterministically."""
         kept = [
             (s, *self._measure(s, worker + (start + j) * num_workers)) for j, s in enumerate(samples) if s is not None
         ]
@@ -524,26 +555,35 @@ class PackedDataset(IterableDataset):
             reader = self._read(epoch, worker, num_workers, start)
             from_start, packed = start == 0, 0
             while True:
-                samples = list(itertools.islice(reader, self.buffer_size))
-                if not samples:
+                items = list(itertools.islice(reader, self.buffer_size))
+                if not items:
                     break
-                packs = self._round_packs(samples, epoch, worker, num_workers, start)
+                read = len(items)
+                packs = self._round_packs(items, epoch, worker, num_workers, start)
+                del items  # the packs hold the round now: one copy of it in memory, not two
                 packed += len(packs)
-                end_of_epoch = len(samples) < self.buffer_size
+                end_of_epoch = read < self.buffer_size
                 for k in range(skip, len(packs)):
                     if k < len(packs) - 1:
                         after = (epoch, start, k + 1)  # same round, k + 1 packs done
                     elif end_of_epoch and self.infinite:
                         after = (epoch + 1, 0, 0)
                     else:
-                        after = (epoch, start + len(samples), 0)  # next round
-                    pack = {"samples": packs[k], "state": _worker_state(worker, num_workers, *after)}
+                        after = (epoch, start + read, 0)  # next round
+                    samples = self._build_pack(packs[k])
+                    packs[k] = None  # release the rows (and, without measures, the pixels) of a pack once it is out
+                    if not samples:  # every sample failed at build time (counted): the next pack's state covers it
+                        continue
+                    pack = {"samples": samples, "state": _worker_state(worker, num_workers, *after)}
+                    del samples
                     counter = getattr(self.source, "counter", None)
                     if counter is not None:  # this worker's skip counts so far, for the trainer's logs
                         pack["skipped"] = {"worker": worker, "counts": dict(counter.reasons)}
                     yield pack
+                    del pack  # not held in this frame while the next pack is built
+                packs = None  # released before the next round is read
                 skip = 0
-                start += len(samples)
+                start += read
                 if end_of_epoch:
                     break
             if not self.infinite:

@@ -3,7 +3,10 @@
 A sample is exactly what the packer and the collator consume::
 
     {"input_ids": LongTensor (T,), "labels": LongTensor (T,),
-     "pixel_values": FloatTensor (n_tiles, 3, S, S) or None, "n_images": int}
+     "pixel_values": uint8 tensor (n_tiles, 3, S, S) or None, "n_images": int}
+
+(`pixel_values` stay uint8 until the model normalises them; `SampleBuilder(uint8_tiles=False)` gives the
+processor's normalised float32 instead.)
 
 `labels` equal `input_ids` on every assistant reply and its `<|im_end|>` (the chat template's generation markers)
 and -100 elsewhere; they are unshifted (the model shifts them).
@@ -15,7 +18,12 @@ Images are decoded here (not by `datasets`), so a corrupt image is a `bad_image`
 `datasets` rows with image decoding off. Unusual modes (P with transparency, LA, CMYK, I;16, 1, ...) are converted
 to RGB (transparency composited on white) and kept.
 
-Two adapters turn a row source into the packer's sample source (`nanovlm.data.packing.PackedDataset`):
+Two stages per row: `SampleBuilder.measure(row)` gives the sample's exact token length, image and tile counts from
+the text and the image headers (no pixel decoded) and applies every skip rule that needs no pixels;
+`SampleBuilder.build(row, measure=...)` decodes, tiles and tokenizes later, for the pack about to be yielded.
+
+Two adapters turn a row source into the packer's sample source (`nanovlm.data.packing.PackedDataset`), each with
+`measure_from(start, stride)` / `build_measured(item)` for that two-stage reading:
 `SampleDataset` (map-style: `__len__`, `__getitem__` -> sample or None, optional per-epoch permutation) and
 `SampleStream` (a stream, e.g. a streaming `datasets.IterableDataset`: `iter_from(start, stride)`).
 
@@ -25,6 +33,7 @@ own summary every `log_every` rows); the main process's builder sees none of the
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 from collections import Counter
@@ -35,7 +44,7 @@ import datasets
 import numpy as np
 import torch
 
-from ..image_processing_nanovlm import ImageTooLargeError, load_image
+from ..image_processing_nanovlm import ImageTooLargeError, image_size, load_image
 from ..processing_nanovlm import NanoVLMProcessor
 from .conversations import (
     SKIP_REASONS as CONVERSATION_SKIP_REASONS,
@@ -48,6 +57,7 @@ from .conversations import (
     filter_turns,
     turns_to_messages,
 )
+from .packing import Measured
 from .sources import SHARD_ERROR_COLUMN, stream_rows
 
 logger = logging.getLogger(__name__)
@@ -63,6 +73,7 @@ SKIP_REASONS: dict[str, str] = {
     "too_long": "the tokenized sample is longer than max_sample_length (samples are never truncated)",
     "no_label_tokens": "no token is an assistant token",
     "bad_shard": "a shard of a stream failed while being read (e.g. a corrupt parquet file): the rest of it is skipped",
+    "measure_mismatch": "the built sample's length or tile count differs from its measure (a bug: please report it)",
 }
 
 
@@ -136,6 +147,11 @@ class SampleBuilder:
             None for no limit. Set it <= the packer's sequence length.
         max_images_per_example: most images per row; rows with more are skipped. None for no limit.
         max_image_pixels: images with more source pixels are skipped before decoding (decompression bombs).
+        uint8_tiles: keep `pixel_values` uint8 (0-255; the model normalises them on the device, see
+            `NanoVLMConfig.image_mean`), 4x smaller than float32. False gives the processor's normalised floats.
+
+    Two stages (see `measure`): `measure(row)` sizes a row from its text and image headers without decoding a pixel;
+    `build(row, measure=...)` decodes and tokenizes it later and checks it against that measure.
 
     Picklable, so it can go into DataLoader workers (each worker then has its own counter).
     """
@@ -147,6 +163,7 @@ class SampleBuilder:
         max_sample_length: int | None = 4096,
         max_images_per_example: int | None = 8,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        uint8_tiles: bool = True,
     ) -> None:
         for name, value in (
             ("max_sample_length", max_sample_length),
@@ -166,6 +183,12 @@ class SampleBuilder:
         self.max_sample_length = max_sample_length
         self.max_images_per_example = max_images_per_example
         self.max_image_pixels = max_image_pixels
+        self.uint8_tiles = uint8_tiles
+        # The builder's own processor: the same tokenizer and settings, tiles kept uint8 (normalised by the model).
+        self._build_processor = processor
+        if uint8_tiles:
+            self._build_processor = copy.copy(processor)
+            self._build_processor.image_processor = processor.image_processor.as_uint8()
         self.image_token = processor.image_token
         self.reserved_tokens = _reserved_tokens(processor)
         self.counter = SkipCounter()
@@ -173,13 +196,40 @@ class SampleBuilder:
 
     # -- public --------------------------------------------------------------------------------------------------
 
-    def build(self, row: Any, index: int | None = None) -> tuple[dict[str, Any] | None, str | None]:
-        """`(sample, None)`, or `(None, reason)` for a skipped row (counted). Never raises for a bad row.
-
-        `index` (the row's position in its source) only goes into log messages.
+    def measure(self, row: Any, index: int | None = None) -> tuple[Measured | None, str | None]:
+        """`(Measured, None)`: the built sample's exact token length, image and tile counts, from the rating-filtered
+        conversation through the chat template and each image's header size (no pixel is decoded); or
+        `(None, reason)` for a row skipped by a rule that needs no pixels (counted): every rule except a corrupt
+        image, which only `build` can find. The `Measured`'s key is None: the source sets it.
         """
         try:
-            sample = self._build(row)
+            length, n_images, n_tiles = self._measure(row)
+        except SkipSample as skip:
+            self._skip(skip.reason, skip.detail, index)
+            return None, skip.reason
+        except Exception as err:  # one bad row must never stop training
+            return None, self.record_error(err, index)
+        return Measured(length, n_images, n_tiles, None), None
+
+    def build(
+        self, row: Any, index: int | None = None, measure: Measured | None = None
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """`(sample, None)`, or `(None, reason)` for a skipped row (counted). Never raises for a bad row.
+
+        `index` (the row's position in its source) only goes into log messages. With the row's `measure` (from
+        `measure`), the turns the rating filter drops are not counted again, and a sample whose length or tile
+        count differs from it is skipped as "measure_mismatch" (the packer planned with the measure).
+        """
+        try:
+            sample = self._build(row, count_turns=measure is None)
+            if measure is not None:
+                tiles = 0 if sample["pixel_values"] is None else int(sample["pixel_values"].shape[0])
+                if (len(sample["input_ids"]), tiles) != (measure.length, measure.n_tiles):
+                    raise SkipSample(
+                        "measure_mismatch",
+                        f"built {len(sample['input_ids'])} tokens / {tiles} tiles, measured {measure.length} / "
+                        f"{measure.n_tiles}",
+                    )
         except SkipSample as skip:
             self._skip(skip.reason, skip.detail, index)
             return None, skip.reason
@@ -205,7 +255,8 @@ class SampleBuilder:
 
     # -- steps -----------------------------------------------------------------------------------------------------
 
-    def _build(self, row: Any) -> dict[str, Any]:
+    def _messages(self, row: Any, count_turns: bool = True) -> tuple[list, list[dict]]:
+        """(images, chat messages with empty image blocks) of a row, or SkipSample: the checks both stages share."""
         if not isinstance(row, Mapping):
             raise SkipSample("bad_row", f"expected a dict, got {type(row).__name__}")
         if row.get(SHARD_ERROR_COLUMN):  # the marker row `skip_bad_shards` puts where a shard failed
@@ -216,15 +267,52 @@ class SampleBuilder:
                 "too_many_images", f"{len(images)} images > max_images_per_example={self.max_images_per_example}"
             )
         turns, dropped = filter_turns(row, self.thresholds)
-        self.counter.turns_dropped += dropped
-        messages = turns_to_messages(turns, len(images), self.image_token, self.reserved_tokens)
+        if count_turns:
+            self.counter.turns_dropped += dropped
+        return images, turns_to_messages(turns, len(images), self.image_token, self.reserved_tokens)
+
+    def _measure(self, row: Any) -> tuple[int, int, int]:
+        """(tokens, images, tiles) of the sample `_build` would make, without decoding pixels."""
+        images, messages = self._messages(row)
+        image_processor = self.processor.image_processor
+        grids = [image_processor.grid(*self._header_size(image, k)) for k, image in enumerate(images)]
+        # The processor's own steps without pixels: render the template, expand each placeholder into its image
+        # string (`<image: k>` only with several images), tokenize like `apply_chat_template(tokenize=True)` does.
+        text = self.processor.apply_chat_template(messages, tokenize=False)
+        parts = text.split(self.image_token)
+        if len(parts) != len(grids) + 1:
+            raise SkipSample("image_placeholder_mismatch", f"{len(parts) - 1} placeholders for {len(grids)} images")
+        several = len(grids) > 1
+        strings = [self.processor.image_string(g, k if several else None) for k, g in enumerate(grids)]
+        text = parts[0] + "".join(s + p for s, p in zip(strings, parts[1:]))
+        bos = self.processor.tokenizer.bos_token
+        add_special = not (bos is not None and text.startswith(bos))
+        length = len(self.processor.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+        if self.max_sample_length is not None and length > self.max_sample_length:
+            raise SkipSample("too_long", f"{length} tokens > max_sample_length={self.max_sample_length}")
+        return length, len(images), sum(image_processor.num_tiles(g) for g in grids)
+
+    def _header_size(self, image: Any, k: int) -> tuple[int, int]:
+        """(width, height) of one image of the row from its header, or SkipSample like `_decode`."""
+        if image is None:
+            raise SkipSample("bad_image", f"image {k} is None")
+        try:
+            return image_size(image, self.max_image_pixels)
+        except ValueError as err:
+            reason = "image_too_large" if isinstance(err, ImageTooLargeError) else "bad_image"
+            raise SkipSample(reason, f"image {k}: {err}") from err
+        except Exception as err:  # PIL plugins raise more than OSError on hostile files
+            raise SkipSample("bad_image", f"image {k}: {type(err).__name__}: {err}") from err
+
+    def _build(self, row: Any, count_turns: bool = True) -> dict[str, Any]:
+        images, messages = self._messages(row, count_turns)
         if images:
             messages = attach_images(messages, [self._decode(image, k) for k, image in enumerate(images)])
 
         # Python lists, not return_tensors="pt": transformers builds the assistant mask by looping over the offset
         # mapping in Python, which on tensors (one small tensor per element) made this call 2.8x slower, about a
         # third of all preprocessing time in the demo. Pixel values come back as a tensor either way.
-        out = self.processor.apply_chat_template(
+        out = self._build_processor.apply_chat_template(
             messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
         input_ids = torch.tensor(out["input_ids"][0], dtype=torch.long)  # (T,)
@@ -235,8 +323,9 @@ class SampleBuilder:
             raise SkipSample("no_label_tokens", "the chat template marked no assistant token")
         labels = input_ids.masked_fill(~mask, IGNORE_INDEX)  # (T,)
         pixel_values = out.get("pixel_values") if images else None
-        if pixel_values is not None:
-            pixel_values = torch.as_tensor(pixel_values).float().contiguous()  # (n_tiles, 3, S, S)
+        if pixel_values is not None:  # (n_tiles, 3, S, S) uint8, or float32 without uint8_tiles
+            pixel_values = torch.as_tensor(pixel_values)
+            pixel_values = (pixel_values if self.uint8_tiles else pixel_values.float()).contiguous()
         return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "n_images": len(images)}
 
     def _decode(self, image: Any, k: int):
@@ -374,6 +463,32 @@ class SampleDataset:
         row = self._source[j]
         return row.to_pylist()[0] if self._arrow else row
 
+    def measure_from(self, start: int, stride: int = 1) -> Iterator[Measured | None]:
+        """The measures of the rows at positions start, start + stride, ... of this epoch's order (None for a row
+        skipped by a rule that needs no pixels); each one's key is its row index, all `build_measured` needs."""
+        for i in range(start, len(self), stride):
+            j = self.row_index(i)
+            self._reads += 1
+            if self.log_every and self._reads % self.log_every == 0:
+                self.counter.log_summary(prefix="data: ")
+            try:
+                row = self.read_row(j)
+            except Exception as err:  # e.g. an unreadable shard: count it like any other bad row
+                self.builder.record_error(err, index=j)
+                yield None
+                continue
+            measured, _ = self.builder.measure(row, index=j)
+            yield None if measured is None else measured._replace(key=j)
+
+    def build_measured(self, item: Measured) -> dict[str, Any] | None:
+        """The sample of a row measured by `measure_from` (re-read by its index), or None if it fails now."""
+        try:
+            row = self.read_row(item.key)
+        except Exception as err:
+            self.builder.record_error(err, index=item.key)
+            return None
+        return self.builder.build(row, index=item.key, measure=item)[0]
+
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         j = self.row_index(i)
         self._reads += 1
@@ -462,6 +577,22 @@ class SampleStream:
             self._built += 1
             if self.log_every and self._built % self.log_every == 0:
                 self.counter.log_summary(prefix="data: ")
+
+    def measure_from(self, start: int, stride: int = 1) -> Iterator[Measured | None]:
+        """The measures of the rows at positions start, start + stride, ... (None for a row skipped by a rule that
+        needs no pixels); each one's key is `(position, raw row)`: a stream cannot be re-read, so the undecoded row
+        (its encoded image bytes, a few hundred kB) is what a packing buffer holds until `build_measured`."""
+        for position, row in self._positions(start, stride):
+            measured, _ = self.builder.measure(row, index=position)
+            yield None if measured is None else measured._replace(key=(position, row))
+            self._built += 1
+            if self.log_every and self._built % self.log_every == 0:
+                self.counter.log_summary(prefix="data: ")
+
+    def build_measured(self, item: Measured) -> dict[str, Any] | None:
+        """The sample of a row measured by `measure_from`, or None (counted) if it fails now (a corrupt image)."""
+        position, row = item.key
+        return self.builder.build(row, index=position, measure=item)[0]
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         return self.iter_from(0, 1)

@@ -143,7 +143,7 @@ def load_rows(data_args, training_args):
     else:
         rows, eval_rows = split_train_val(rows, data_args.val_size, seed=training_args.seed)
     if data_args.streaming:
-        rows = shuffle_dataset(rows, seed=training_args.seed)
+        rows = shuffle_dataset(rows, seed=training_args.seed, buffer_size=data_args.stream_shuffle_buffer_size)
     return rows, eval_rows
 
 
@@ -215,6 +215,7 @@ def build_model_and_processor(model_args, train_rows=None):
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
         if not isinstance(processor, NanoVLMProcessor):
             raise TypeError(f"{model_args.model_name_or_path} holds a {type(processor).__name__}, not a NanoVLMProcessor.")
+        record_normalization(model.config, processor)
         return model, processor
 
     if model_args.tokenizer_train_vocab_size:
@@ -245,7 +246,19 @@ def build_model_and_processor(model_args, train_rows=None):
             model_args.vision_model, model_args.text_model, tokenizer=tokenizer,
             pixel_shuffle_factor=model_args.pixel_shuffle_factor, **kw,
         )
-    return model, build_processor_for(model.config, tokenizer, model_args)
+    processor = build_processor_for(model.config, tokenizer, model_args)
+    record_normalization(model.config, processor)
+    return model, processor
+
+
+def record_normalization(config: NanoVLMConfig, processor: NanoVLMProcessor) -> None:
+    """Write the processor's pixel normalisation into the model config: training tiles stay uint8 until the device,
+    where the model normalises them with these values (mean 0 / std 1 when the processor does not normalise)."""
+    image_processor = processor.image_processor
+    if image_processor.do_normalize:
+        config.image_mean, config.image_std = list(image_processor.image_mean), list(image_processor.image_std)
+    else:
+        config.image_mean, config.image_std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
 
 
 def warn_stream_read_factor(num_shards: int, world_size: int, num_workers: int) -> int:
