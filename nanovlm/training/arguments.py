@@ -25,16 +25,13 @@ from typing import Any
 from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
+from ..data.conversations import RATING_COLUMNS
+
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATIONS = ["eager", "sdpa", "flash_attention_2", "flex_attention"]
 LOSS_NORMALIZATIONS = ["global_tokens", "micro_batch_mean"]
-RATING_FIELDS = (
-    "min_relevance_rating",
-    "min_image_correspondence_rating",
-    "min_visual_dependency_rating",
-    "min_formatting_rating",
-)
+RATING_FIELDS = tuple(f"min_{name}_rating" for name in RATING_COLUMNS)  # one flag per FineVision rating column
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIN_TOKENIZER_VOCAB_SIZE = 259  # 256 bytes + the three ChatML tokens, see `nanovlm.tokenizer.train_tokenizer`
 

@@ -19,13 +19,14 @@ from transformers import AutoProcessor
 
 from ..configuration_nanovlm import NanoVLMConfig
 from ..data.collator import PackedCollator
-from ..data.conversations import RatingThresholds
+from ..data.conversations import RATING_COLUMNS, RatingThresholds
 from ..data.packing import PackedDataset
 from ..data.samples import SampleBuilder, SampleDataset, SampleStream
 from ..data.sources import load_finevision, shard_for_rank, shuffle_dataset, split_train_val, stream_read_factor
 from ..modeling_nanovlm import NanoVLMForConditionalGeneration
 from ..processing_nanovlm import NanoVLMProcessor
 from ..tokenizer import extend_tokenizer, train_tokenizer
+from .arguments import RATING_FIELDS
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -310,12 +311,7 @@ def build_datasets(data_args, training_args, processor, train_rows, eval_rows):
     check_sample_fits(data_args, processor)
     builder = SampleBuilder(
         processor,
-        thresholds=RatingThresholds(
-            relevance=data_args.min_relevance_rating,
-            image_correspondence=data_args.min_image_correspondence_rating,
-            visual_dependency=data_args.min_visual_dependency_rating,
-            formatting=data_args.min_formatting_rating,
-        ),
+        thresholds=RatingThresholds(**{name: getattr(data_args, f"min_{name}_rating") for name in RATING_COLUMNS}),
         max_sample_length=data_args.max_sample_length,
         max_images_per_example=data_args.max_images_per_example,
         max_image_pixels=data_args.max_image_pixels,
@@ -358,8 +354,7 @@ DATA_POSITION_FLAGS = {
     "data": (
         "dataset_name_or_path", "dataset_configs", "train_split", "curriculum_split", "streaming", "val_size",
         "eval_split", "max_sample_length", "max_images_per_example", "max_images_per_knapsack", "seq_length",
-        "pack_buffer_size", "max_image_pixels", "min_relevance_rating", "min_image_correspondence_rating",
-        "min_visual_dependency_rating", "min_formatting_rating",
+        "pack_buffer_size", "max_image_pixels", *RATING_FIELDS,
     ),
     "model": ("tile_size", "max_image_size", "max_grid", "upscale_images"),  # tokens per image
     "training": ("seed", "dataloader_num_workers"),  # the shuffle; the pack state is kept per DataLoader worker
