@@ -165,3 +165,20 @@ def test_pipeline_memory_reports_every_buffer_and_its_fill(tmp_path):
     assert all(0 < r["real_token_fraction"] <= 1 for r in runs.values())
     assert report["summary"]["h100_40pct_mfu_tokens_per_s"] > 0
 
+
+def test_rank_balance_reports_the_max_over_mean_of_every_variant(tmp_path, monkeypatch):
+    out = tmp_path / "rank_balance.json"
+    argv = ["rank_balance.py", "--ranks", "2", "--steps", "3", "--accumulation", "2", "--buffer-size", "256",
+            "--tile-caps", "32", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    load_script("rank_balance").main()
+    report = read(out)
+    names = [v["variant"] for v in report["variants"]]
+    assert names == ["images<=18", "tiles<=32", "images<=18, balanced", "tiles<=32, balanced"]
+    for v in report["variants"]:
+        assert v["step_max_over_mean"] >= 1.0 and v["micro_max_over_mean"] >= 1.0
+        assert 0.5 < v["real_token_fraction"] <= 1.0
+    by_name = {v["variant"]: v for v in report["variants"]}
+    # pairing reorders the same packs: the work moves between micro-batches but only row padding changes
+    assert by_name["images<=18, balanced"]["tflops_per_step_mean"] == pytest.approx(
+        by_name["images<=18"]["tflops_per_step_mean"], rel=0.05)

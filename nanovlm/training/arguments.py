@@ -407,6 +407,14 @@ class DataArguments:
             "(its encoded image bytes); images are decoded only for the pack about to be yielded."
         },
     )
+    balance_batches: bool = field(
+        default=False,
+        metadata={
+            "help": "Order each pack round so that every batch of a worker costs about the same training FLOPs (packs "
+            "dealt by their FLOP estimate, heavy with light): ranks then wait less for each other. 460m recipe: on; "
+            "bench/rank_balance.py measures it."
+        },
+    )
     stream_shuffle_buffer_size: int = field(
         default=1000,
         metadata={

@@ -10,7 +10,8 @@ What it overrides, and why (everything else is Trainer's):
 - `training_step`: times data wait and
   forward+backward, feeds the non-finite-loss guard; with `--loss_normalization micro_batch_mean` it withholds the
   step's label-token count, so each micro-batch's mean is divided by the accumulation steps (the original's rule).
-- `log`: adds every group's LR and throughput statistics gathered across processes (mean/min/max).
+- `log`: adds every group's LR and throughput statistics gathered across processes (mean/min/max), among them the
+  FLOP estimate per step (`perf/step_tflops*`) and its per-step max/mean over ranks (`perf/step_flops_max_over_mean`).
 - `evaluate`: token-weighted validation loss over the whole held-out set (Trainer averages per batch).
 - `_save_checkpoint` / `train`: the packed dataset's position is saved with every checkpoint (before
   trainer_state.json, which Trainer writes last: a checkpoint without a readable trainer_state.json is incomplete
@@ -205,13 +206,16 @@ class NanoVLMTrainer(Trainer):
         self._window["fwd_bwd"] += end - start
         for key in ("num_real_tokens", "num_pad_tokens", "num_samples", "num_images", "num_tiles"):
             self._window[key] += stats.get(key, 0)
-        self._window["flops"] += estimate_flops(self.model.config, stats)
+        flops = estimate_flops(self.model.config, stats)
+        self._window["flops"] += flops
+        self._micro_flops.append(flops)
         self._last_step_end = end
         return loss
 
     # ---- logging -------------------------------------------------------------------------------------------------
     def _reset_window(self) -> None:
         self._window = Counter()
+        self._micro_flops: list[float] = []  # this rank's FLOP estimate per micro-batch of the window
         self._window_start = time.perf_counter()
 
     def _gathered(self, values: dict[str, float]) -> dict[str, float]:
@@ -265,7 +269,12 @@ class NanoVLMTrainer(Trainer):
         peak = peak_flops(self.args.device)
         if peak:
             local["mfu"] = w["flops"] / wall / peak
+        steps = self._micro_flops
+        if steps:
+            local["step_tflops"] = sum(steps) / len(steps) * self.args.gradient_accumulation_steps / 1e12
         logs = {f"perf/{k}": v for k, v in self._gathered(local).items()}
+        if steps:
+            logs["perf/step_flops_max_over_mean"] = self._flops_imbalance(steps)
         logs["data/skipped_total"] = float(sum(self.skip_counts.values()))
         for reason, n in sorted(self.skip_counts.items()):
             logs[f"data/skipped/{reason}"] = float(n)
@@ -273,6 +282,19 @@ class NanoVLMTrainer(Trainer):
         logs["nonfinite_steps_skipped"] = float(self.nonfinite_guard.total_skipped)
         self._reset_window()
         return logs
+
+    def _flops_imbalance(self, micro_flops: list[float]) -> float:
+        """Mean over the window's optimizer steps of (max over ranks / mean over ranks) of the step's FLOP estimate:
+        the slowest rank sets a data-parallel step's time, so 1.0 is perfect balance. Every rank ran the same
+        micro-batches in the window, so the per-rank vectors line up (a trailing partial accumulation counts as a
+        step of its own)."""
+        local = torch.tensor(micro_flops, device=self.args.device, dtype=torch.float64)
+        every = self.accelerator.gather(local.unsqueeze(0)).reshape(-1, len(micro_flops)).cpu()  # (ranks, micro)
+        acc = self.args.gradient_accumulation_steps
+        steps = torch.stack([every[:, i : i + acc].sum(1) for i in range(0, every.shape[1], acc)], 1)  # (ranks, steps)
+        mean = steps.mean(0)
+        ratio = torch.where(mean > 0, steps.max(0).values / mean.clamp_min(1e-30), torch.ones_like(mean))
+        return ratio.mean().item()
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
