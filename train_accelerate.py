@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
         from nanovlm.training.lora import apply_lora
 
         model = apply_lora(model, training_args)
-    train_dataset, eval_dataset, collator = build_datasets(data_args, training_args, processor, train_rows, eval_rows)
+    train_dataset, eval_dataset, collator = build_datasets(
+        data_args, training_args, processor, train_rows, eval_rows, model_config=model.config
+    )
 
     trainer = NanoVLMTrainer(
         model=model,

@@ -43,11 +43,12 @@ import numpy as np
 import torch
 
 from nanovlm import devices
+from nanovlm.data.collator import BOOKKEEPING_KEY
+from nanovlm.data.samples import IGNORE_INDEX
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "train" / "demo.yaml"
 SHAPES = ("tiny", "demo", "460m")
-IGNORE_INDEX = -100
 
 # The `tiny` model: the same sizes as tests/conftest.py's `make_tiny_config`.
 TINY_MODEL_CONFIG = {
@@ -380,7 +381,7 @@ class StatsCollator:
     def __call__(self, packs):
         batch = self.collator(packs)
         rows = [pack["samples"] if isinstance(pack, dict) else pack for pack in packs]
-        batch["stats"]["sum_sq_sample_lengths"] = sum(len(s["input_ids"]) ** 2 for row in rows for s in row)
+        batch[BOOKKEEPING_KEY]["stats"]["sum_sq_sample_lengths"] = sum(len(s["input_ids"]) ** 2 for row in rows for s in row)
         return batch
 
 

@@ -133,17 +133,18 @@ def _liger_loss(trainer):
     """Replace the trainer's loss by Liger's fused linear cross-entropy (no (B, T, V) logits are materialised)."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
+    from nanovlm.data.samples import IGNORE_INDEX
+
     flce = LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
-        trainer._pop_extras(inputs)
         labels = inputs.pop("labels")
         inner = model.module if hasattr(model, "module") else model
         hidden = inner.model(**inputs, use_cache=False).last_hidden_state  # (B, T, D)
         targets = labels[:, 1:].reshape(-1)  # next-token targets, as the model's own loss shifts them
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         loss = flce(inner.lm_head.weight, hidden, targets)
-        count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+        count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
         return loss / count
 
     trainer.compute_loss = compute_loss
@@ -298,6 +299,8 @@ def run_packed(params: dict[str, Any], smoke: bool, cache: Path) -> dict:
 def _sample_losses(model, input_ids, labels, pixel_values, position_ids, device, cuda):
     import torch
 
+    from nanovlm.data.samples import IGNORE_INDEX
+
     kw = {"input_ids": input_ids.to(device), "labels": labels.to(device)}
     if pixel_values is not None:
         kw["pixel_values"] = pixel_values.to(device)
@@ -307,9 +310,9 @@ def _sample_losses(model, input_ids, labels, pixel_values, position_ids, device,
         # use_cache=False: a cache turns the packed-sequence mask off (DESIGN.md), as it would in training
         logits = model(**{k: v for k, v in kw.items() if k != "labels"}, use_cache=False).logits.float()  # (B, T, V)
     target = kw["labels"][:, 1:]
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100,
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=IGNORE_INDEX,
                                                reduction="none")  # (B, T-1)
-    return losses, target != -100
+    return losses, target != IGNORE_INDEX
 
 
 def _compare_packed(model, batch, samples, device, cuda, tol) -> dict:

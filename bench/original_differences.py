@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from common import (
+    IGNORE_INDEX,
     args_dict,
     build_model,
     build_processor_for_shape,
@@ -83,7 +84,7 @@ def train_once(args: argparse.Namespace, settings: dict[str, Any], rows, tokeniz
         step = trainer.training_step
 
         def recording_step(model, inputs, num_items_in_batch=None):
-            labels.append(int((inputs["labels"][:, 1:] != -100).sum()))
+            labels.append(int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum()))
             loss = step(model, inputs, num_items_in_batch)
             returned.append(loss.item())  # this micro-batch's share of the step loss
             return loss

@@ -49,9 +49,18 @@ def make_workload(n: int, seed: int, max_sample_length: int, max_grid: int = 4) 
 
     `max_grid` caps the tile grid's rows and columns (1: every image is one 64-token tile, so the image cap binds).
     """
+    lengths, images, _, skipped = make_workload_with_tiles(n, seed, max_sample_length, max_grid)
+    return lengths, images, skipped
+
+
+def make_workload_with_tiles(
+    n: int, seed: int, max_sample_length: int, max_grid: int = 4
+) -> tuple[list[int], list[int], list[int], int]:
+    """`make_workload` (the same draws), plus each sample's tile count: (lengths, images, tiles, skipped)."""
     rng = np.random.default_rng(seed)
     lengths: list[int] = []
     images: list[int] = []
+    sample_tiles: list[int] = []
     skipped = 0
     while len(lengths) < n:
         m = 2 * (n - len(lengths)) + 16
@@ -60,13 +69,14 @@ def make_workload(n: int, seed: int, max_sample_length: int, max_grid: int = 4) 
         grid = np.minimum(max_grid, rng.choice([1, 2, 3, 4], size=(m, 4, 2), p=[0.35, 0.30, 0.20, 0.15]))
         tiles = grid[..., 0] * grid[..., 1]
         tiles = np.where(tiles > 1, tiles + 1, tiles)  # global view when the image is split
-        image_tokens = (tiles * (np.arange(4)[None, :] < n_img[:, None])).sum(1) * TOKENS_PER_TILE
-        total = text + image_tokens
+        n_tiles = (tiles * (np.arange(4)[None, :] < n_img[:, None])).sum(1)
+        total = text + n_tiles * TOKENS_PER_TILE
         keep = total <= max_sample_length
         skipped += int((~keep).sum())
         lengths += total[keep].tolist()
         images += n_img[keep].tolist()
-    return lengths[:n], images[:n], skipped
+        sample_tiles += n_tiles[keep].tolist()
+    return lengths[:n], images[:n], sample_tiles[:n], skipped
 
 
 def run_packer(name: str, lengths: list[int], images: list[int], args: argparse.Namespace) -> dict:

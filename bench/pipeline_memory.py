@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 from common import (
+    BOOKKEEPING_KEY,
     args_dict,
     build_config,
     build_processor_for_shape,
@@ -182,9 +183,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         packs.append(next(iterator))
         if len(packs) == 2:
             batch = collator(packs)
-            flops += estimate_flops(config, batch["stats"])
-            tokens += batch["stats"]["num_real_tokens"]
-            tiles += batch["stats"]["num_tiles"]
+            flops += estimate_flops(config, batch[BOOKKEEPING_KEY]["stats"])
+            tokens += batch[BOOKKEEPING_KEY]["stats"]["num_real_tokens"]
+            tiles += batch[BOOKKEEPING_KEY]["stats"]["num_tiles"]
             batches += 1
             packs = []
             del batch

@@ -74,6 +74,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from nanovlm.data import PackedCollator, PackedDataset, SampleBuilder, SampleDataset
+from nanovlm.data.collator import BOOKKEEPING_KEY
 from nanovlm.training.arguments import NanoVLMTrainingArguments
 from nanovlm.training.flops import peak_flops
 from nanovlm.training.trainer import NanoVLMTrainer
@@ -125,7 +126,7 @@ class TimedTrainer(NanoVLMTrainer):
     timer: StepTimer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        stats = dict(inputs.get("stats") or {})
+        stats = dict(inputs[BOOKKEEPING_KEY]["stats"])
         start = time.perf_counter()
         loss = super().training_step(model, inputs, num_items_in_batch)  # synchronises CUDA at its end
         self.timer.current.update(train_start=start, train_end=time.perf_counter(), stats=stats, loss=loss.detach())
@@ -280,9 +281,9 @@ def measure_pipeline(trainer, batches: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     for _ in range(batches):
         batch = next(iterator)
-        real += batch["stats"]["num_real_tokens"]
-        pad += batch["stats"]["num_pad_tokens"]
-        packs += batch["stats"]["num_rows"]
+        real += batch[BOOKKEEPING_KEY]["stats"]["num_real_tokens"]
+        pad += batch[BOOKKEEPING_KEY]["stats"]["num_pad_tokens"]
+        packs += batch[BOOKKEEPING_KEY]["stats"]["num_rows"]
     seconds = time.perf_counter() - t0
     del iterator, first
     gc.collect()

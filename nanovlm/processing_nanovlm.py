@@ -33,7 +33,7 @@ CHAT_TEMPLATE = (
     "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
     "{%- else -%}{%- set text = namespace(v='') -%}"
     "{%- for block in message['content'] -%}"
-    "{%- if block['type'] == 'image' -%}{%- set text.v = text.v + '<|image|>' -%}"
+    "{%- if block['type'] == 'image' -%}{%- set text.v = text.v + '" + IMAGE_TOKEN + "' -%}"
     "{%- elif block['type'] == 'text' -%}{%- set text.v = text.v + block['text'] -%}{%- endif -%}"
     "{%- endfor -%}{%- set text = text.v -%}{%- endif -%}"
     "{%- if message['role'] == 'assistant' -%}"

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(__file__))
 from training_helpers import packed_dataset, synthetic_rows, tiny_setup, training_args, without_images  # noqa: E402
 
-from nanovlm.data import PackedCollator  # noqa: E402
+from nanovlm.data.collator import BOOKKEEPING_KEY, PackedCollator  # noqa: E402
 from nanovlm.training.optim import GuardedAdamW, apply_freezing, build_param_groups, nanovlm_scheduler  # noqa: E402
 
 FSDP_CONFIG = Path(__file__).resolve().parents[1] / "configs/accelerate/fsdp.yaml"
@@ -76,8 +76,7 @@ def main() -> None:
     losses = []
     for _ in range(steps):
         inputs = next(loader)
-        for key in ("stats", "data_state", "skipped"):
-            inputs.pop(key, None)
+        inputs.pop(BOOKKEEPING_KEY)
         n_items = (inputs["labels"][..., 1:] != -100).sum()
         dist.all_reduce(n_items)
         loss = model(**inputs, num_items_in_batch=n_items).loss * world

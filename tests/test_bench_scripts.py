@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from nanovlm.data.collator import BOOKKEEPING_KEY
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -60,7 +62,7 @@ def test_train_throughput_counts_what_the_collator_produced(tmp_path):
     # The same batches again (num_workers=0, same seed): the totals are exactly what the collator produced.
     args = bench.build_parser().parse_args(TRAIN_ARGS)
     trainer = bench.build_run(args, "tiny", str(tmp_path / "again"))["trainer"]
-    batches = [b["stats"] for _, b in zip(range(4), trainer.get_train_dataloader())]
+    batches = [b[BOOKKEEPING_KEY]["stats"] for _, b in zip(range(4), trainer.get_train_dataloader())]
     totals = run["totals"]
     assert totals["real_tokens"] == sum(s["num_real_tokens"] for s in batches)
     assert totals["pad_tokens"] == sum(s["num_pad_tokens"] for s in batches)
@@ -162,3 +164,21 @@ def test_pipeline_memory_reports_every_buffer_and_its_fill(tmp_path):
     assert all(r["samples_built"] >= 2 and r["peak_rss_mib"] >= r["start_rss_mib"] for r in runs.values())
     assert all(0 < r["real_token_fraction"] <= 1 for r in runs.values())
     assert report["summary"]["h100_40pct_mfu_tokens_per_s"] > 0
+
+
+def test_rank_balance_reports_the_max_over_mean_of_every_variant(tmp_path, monkeypatch):
+    out = tmp_path / "rank_balance.json"
+    argv = ["rank_balance.py", "--ranks", "2", "--steps", "3", "--accumulation", "2", "--buffer-size", "256",
+            "--tile-caps", "32", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    load_script("rank_balance").main()
+    report = read(out)
+    names = [v["variant"] for v in report["variants"]]
+    assert names == ["images<=18", "tiles<=32", "images<=18, balanced", "tiles<=32, balanced"]
+    for v in report["variants"]:
+        assert v["step_max_over_mean"] >= 1.0 and v["micro_max_over_mean"] >= 1.0
+        assert 0.5 < v["real_token_fraction"] <= 1.0
+    by_name = {v["variant"]: v for v in report["variants"]}
+    # pairing reorders the same packs: the work moves between micro-batches but only row padding changes
+    assert by_name["images<=18, balanced"]["tflops_per_step_mean"] == pytest.approx(
+        by_name["images<=18"]["tflops_per_step_mean"], rel=0.05)

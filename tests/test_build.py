@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -17,6 +18,8 @@ from nanovlm.training.build import (
     prepare_synthetic_dataset,
     sincos_position_grid,
 )
+from nanovlm.training.errors import UsageError
+from nanovlm.training.flops import pack_flops
 
 MODEL = [
     "--random_init", "true", "--tokenizer_train_vocab_size", "300", "--max_image_size", "32", "--max_grid", "1",
@@ -119,3 +122,14 @@ def test_existing_synthetic_dataset_built_with_other_settings_is_an_error(tmp_pa
     before = (tmp_path / "data" / "synthetic_config.json").stat().st_mtime_ns
     prepare_synthetic_dataset(same_data, same_args)
     assert (tmp_path / "data" / "synthetic_config.json").stat().st_mtime_ns == before
+
+
+def test_balance_batches_prices_training_packs_with_the_models_flop_estimate(tmp_path):
+    model, processor, data_args, args, rows, eval_rows = setup_run(tmp_path, "--balance_batches", "true")
+    with pytest.raises(UsageError, match="--balance_batches true needs the model config"):
+        build_datasets(data_args, args, processor, rows, eval_rows)
+    train, evaluation, _ = build_datasets(data_args, args, processor, rows, eval_rows, model_config=model.config)
+    assert train.balance_group == args.per_device_train_batch_size and evaluation.pack_cost is None
+    assert train.pack_cost(100, 2) == pack_flops(model.config, 100, 2)
+    packs = list(itertools.islice(iter(train), 6))
+    assert all(p["samples"] for p in packs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanovlm.data.collator import IGNORE_INDEX, PackedCollator
+from nanovlm.data.collator import BOOKKEEPING_KEY, IGNORE_INDEX, PackedCollator
 
 X = IGNORE_INDEX
 PAD = 0
@@ -48,7 +48,7 @@ def test_two_pack_batch_exact_tensors():
     # tiles in token order: sample a's two tiles, then sample c's
     assert batch["pixel_values"].shape == (3, 3, 2, 2)
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 2.0, 3.0]
-    assert batch["stats"] == {
+    assert batch[BOOKKEEPING_KEY]["stats"] == {
         "num_rows": 2,
         "row_length": 5,
         "num_samples": 3,
@@ -58,7 +58,7 @@ def test_two_pack_batch_exact_tensors():
         "num_images": 2,
         "num_tiles": 3,
     }
-    assert batch["data_state"] == [{"worker": 0, "packs_done": 1}, {"worker": 0, "packs_done": 2}]
+    assert batch[BOOKKEEPING_KEY]["data_state"] == [{"worker": 0, "packs_done": 1}, {"worker": 0, "packs_done": 2}]
 
 
 def test_cu_seq_lens_match_transformers_position_id_derivation():
@@ -77,7 +77,7 @@ def test_pad_to_multiple_of():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]]
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 8, 12, 16]
     assert batch["max_length_q"] == 4
-    assert batch["stats"]["row_length"] == 8 and batch["stats"]["num_pad_tokens"] == 7
+    assert batch[BOOKKEEPING_KEY]["stats"]["row_length"] == 8 and batch[BOOKKEEPING_KEY]["stats"]["num_pad_tokens"] == 7
 
 
 def test_no_image_batch_and_plain_sample_lists():
@@ -87,14 +87,14 @@ def test_no_image_batch_and_plain_sample_lists():
     assert batch["input_ids"].tolist() == [[1, 2, 9], [3, 4, 5]]
     assert batch["labels"].tolist() == [[X, 2, X], [X, X, 5]]
     assert batch["cu_seq_lens_q"].tolist() == [0, 2, 3, 4, 6]
-    assert batch["stats"]["num_images"] == 0 and batch["stats"]["num_tiles"] == 0
-    assert batch["data_state"] == [None, None]
+    assert batch[BOOKKEEPING_KEY]["stats"]["num_images"] == 0 and batch[BOOKKEEPING_KEY]["stats"]["num_tiles"] == 0
+    assert batch[BOOKKEEPING_KEY]["data_state"] == [None, None]
 
 
 def test_single_full_row_has_no_padding_sequence():
     batch = PackedCollator(pad_token_id=PAD)([[_sample([1, 2, 3], [1, 2, 3])]])
     assert batch["cu_seq_lens_q"].tolist() == [0, 3]
-    assert batch["stats"]["num_pad_tokens"] == 0
+    assert batch[BOOKKEEPING_KEY]["stats"]["num_pad_tokens"] == 0
 
 
 def test_collator_errors():

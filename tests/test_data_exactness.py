@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import nanovlm.data.packing as packing
+from nanovlm.data.collator import BOOKKEEPING_KEY
 from nanovlm.data.packing import combine_pack_states
 from nanovlm.data.samples import IGNORE_INDEX
 from nanovlm.training.arguments import DataArguments
@@ -158,14 +159,14 @@ def test_resume_is_exact_at_every_batch_boundary_with_workers(root, tiny_process
     rank = world - 1
     n = 9  # beyond the end of epoch 0 for some workers, and every next worker (0, 1, 2) several times
     reference = _batches(*_build(root, tiny_processor, streaming, configs, rank, world, workers), workers, n)
-    assert any(s["epoch"] == 1 for b in reference for s in b["data_state"])
+    assert any(s["epoch"] == 1 for b in reference for s in b[BOOKKEEPING_KEY]["data_state"])
     for k in range(1, n):
-        state = combine_pack_states(s for batch in reference[:k] for s in batch["data_state"])
+        state = combine_pack_states(s for batch in reference[:k] for s in batch[BOOKKEEPING_KEY]["data_state"])
         train, collator = _build(root, tiny_processor, streaming, configs, rank, world, workers)
         train.load_state_dict(state)
         resumed = _batches(train, collator, workers, n - k)
         for want, got in zip(reference[k:], resumed):
-            assert got["data_state"] == want["data_state"], f"resume after {k} batches"
+            assert got[BOOKKEEPING_KEY]["data_state"] == want[BOOKKEEPING_KEY]["data_state"], f"resume after {k} batches"
             assert torch.equal(got["input_ids"], want["input_ids"]), f"resume after {k} batches"
 
 

@@ -191,3 +191,42 @@ def test_config_records_the_processors_normalisation(tiny_tokenizer, tiny_config
     assert (config.image_mean, config.image_std) == ([0.0] * 3, [1.0] * 3)
     tiles = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     torch.testing.assert_close(processor.image_processor.normalize_tiles(tiles), tiles.float() / 255)
+
+
+def _inference_path(processor, builder, row):
+    """The sample as the processor's public chat API makes it: images attached to the message blocks, taken back out
+    and regrouped by transformers' apply_chat_template (what inference does)."""
+    from nanovlm.data.conversations import as_image_list, attach_images, filter_turns, turns_to_messages
+    from nanovlm.image_processing_nanovlm import load_image
+
+    images = as_image_list(row.get("images"))
+    turns, _ = filter_turns(row, builder.thresholds)
+    messages = turns_to_messages(turns, len(images), processor.image_token, builder.reserved_tokens)
+    if images:
+        messages = attach_images(messages, [load_image(im) for im in images])
+    return processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+
+
+@pytest.mark.parametrize("data", ["synthetic", "finevision_like"])
+def test_built_sample_equals_the_processors_chat_template_output(tiny_processor, data):
+    """The builder keeps the row's image list from row to sample (no regrouping by placeholders) and still makes
+    exactly what `processor.apply_chat_template(tokenize=True)` makes: ids, answer mask, pixels."""
+    if data == "synthetic":
+        rows = generate_split(40, "train", seed=4).with_format("arrow")[:].to_pylist()
+    else:
+        rows = finevision_like(60, seed=7, max_side=200)
+    builder = SampleBuilder(tiny_processor, uint8_tiles=False)
+    compared = 0
+    for i, row in enumerate(rows):
+        sample, _ = builder.build(row, index=i)
+        if sample is None:
+            continue
+        want = _inference_path(tiny_processor, builder, row)
+        assert sample["input_ids"].tolist() == list(want["input_ids"][0]), i
+        assert (sample["labels"] != samples_module.IGNORE_INDEX).tolist() == [bool(m) for m in want["assistant_masks"][0]]
+        if sample["pixel_values"] is None:
+            assert "pixel_values" not in want or want["pixel_values"] is None
+        else:
+            assert torch.equal(sample["pixel_values"], torch.as_tensor(want["pixel_values"]).float()), i
+        compared += 1
+    assert compared >= 25

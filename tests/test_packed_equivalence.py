@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from nanovlm import NanoVLMForConditionalGeneration
-from nanovlm.data.collator import PackedCollator
+from nanovlm.data.collator import BOOKKEEPING_KEY, PackedCollator
 
 
 def _sample(processor, images, turns):
@@ -38,8 +38,7 @@ def test_packed_logits_and_loss_equal_unpacked(tiny_config, tiny_processor, impl
     ]
     packs = [{"samples": samples[:2]}, {"samples": samples[2:]}]  # two rows of different lengths
     batch = PackedCollator(tiny_processor.tokenizer.pad_token_id)(packs)
-    for key in ("stats", "data_state"):
-        batch.pop(key)
+    batch.pop(BOOKKEEPING_KEY)
     assert batch["input_ids"].shape[0] == 2 and "attention_mask" not in batch
 
     n_labels = sum(int((s["labels"][1:] != -100).sum()) for s in samples)

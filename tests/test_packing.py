@@ -11,8 +11,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from nanovlm.data.packing import (
+    Measured,
     PackedDataset,
     _worst_fit_balanced,
+    balanced_groups,
     combine_pack_states,
     group_lengths,
     knapsack_pack,
@@ -326,3 +328,67 @@ def test_dataset_rejects_oversized_samples_and_bad_arguments():
         next(iter(_make([None, None], infinite=True)))
     with pytest.raises(TypeError, match="source of type int is not readable"):
         PackedDataset(3, seq_length=8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Balanced batches (pack_cost, balance_group)
+
+
+class MeasuredTiles:
+    """A measuring source: row i is `lengths[i]` tokens with `tiles[i]` tiles (one image when it has tiles)."""
+
+    def __init__(self, lengths: list[int], tiles: list[int]) -> None:
+        self.rows = list(zip(lengths, tiles))
+
+    def measure_from(self, start: int, stride: int):
+        for i in range(start, len(self.rows), stride):
+            length, tiles = self.rows[i]
+            yield Measured(length, int(tiles > 0), tiles, i)
+
+    def build_measured(self, item: Measured) -> dict:
+        return {"id": item.key, "length": item.length, "tiles": item.n_tiles}
+
+
+def _tile_workload(n: int = 600, seed: int = 0) -> MeasuredTiles:
+    rng = random.Random(seed)
+    tiles = [rng.choice([0, 0, 1, 5, 10, 17]) for _ in range(n)]
+    return MeasuredTiles([t * 16 + rng.randint(8, 120) for t in tiles], tiles)
+
+
+def _cost(tokens: int, tiles: int) -> float:
+    return tokens + 50.0 * tiles  # a tile costs as much as 50 tokens
+
+
+def _pack_cost(pack: dict) -> float:
+    return _cost(sum(s["length"] for s in pack["samples"]), sum(s["tiles"] for s in pack["samples"]))
+
+
+def test_balanced_groups_deal_heavy_with_light_in_groups_of_the_given_size():
+    assert balanced_groups([5, 1, 4, 2, 3, 3], 2) == [[0, 1], [2, 3], [4, 5]]
+    groups = balanced_groups([9, 8, 7, 6, 5, 4, 3, 2, 1], 3)
+    assert sorted(i for g in groups for i in g) == list(range(9)) and [len(g) for g in groups] == [3, 3, 3]
+    assert sorted(sum(9 - i for i in g) for g in groups) == [14, 15, 16]  # serpentine: 9+4+3, 8+5+2, 7+6+1
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        balanced_groups([1.0], 0)
+
+
+def test_balance_group_evens_each_batch_cost_and_keeps_every_sample_and_resume():
+    plain = PackedDataset(_tile_workload(), seq_length=512, buffer_size=200, seed=3)
+    balanced = PackedDataset(_tile_workload(), seq_length=512, buffer_size=200, seed=3, pack_cost=_cost,
+                             balance_group=2)
+    plain_packs, packs = list(plain), list(balanced)
+    assert sorted(s["id"] for p in packs for s in p["samples"]) == list(range(600))  # nothing lost or repeated
+    assert len(packs) % 2 == 0  # each round's pack count made a multiple of the batch size
+
+    def spread(ps):  # max/mean of the batch costs of consecutive pairs
+        costs = [_pack_cost(a) + _pack_cost(b) for a, b in zip(ps[0::2], ps[1::2])]
+        return max(costs) / (sum(costs) / len(costs))
+
+    assert spread(packs) < 1.2 < spread(plain_packs)
+    for k in (1, 4, len(packs) // 2):  # resume is exact after any pack
+        resumed = PackedDataset(_tile_workload(), seq_length=512, buffer_size=200, seed=3, pack_cost=_cost,
+                                balance_group=2)
+        resumed.load_state_dict(packs[k - 1]["state"])
+        assert [[s["id"] for s in p["samples"]] for p in resumed] == [[s["id"] for s in p["samples"]] for p in packs[k:]]
+    with pytest.raises(ValueError, match="balance_group must be a positive int"):
+        PackedDataset(_tile_workload(), seq_length=512, balance_group=0)

@@ -266,7 +266,17 @@ def test_throughput_stats_are_logged(rows, tmp_path):
     assert not [k for k in wandb_keys if k.startswith("train/train/")]
     assert 0.5 < log["perf/real_token_fraction"] <= 1.0
     assert log["perf/tokens_per_s"] > 0 and "perf/mfu" not in log  # no MFU on CPU
+    assert log["perf/step_tflops"] > 0 and log["perf/step_flops_max_over_mean"] == 1.0  # one rank: balanced
     assert os.path.isdir(tmp_path)
+
+
+def test_step_flops_imbalance_is_max_over_mean_across_ranks_per_optimizer_step(rows, tmp_path):
+    model, processor = tiny_setup()
+    args = training_args(tmp_path, gradient_accumulation_steps=2)
+    trainer = make_trainer(model, processor, args, packed_dataset(rows, processor))
+    # a second rank whose second micro-batch costs 3x: steps cost (2, 2) on rank 0 and (4, 2) on rank 1
+    trainer.accelerator.gather = lambda t: torch.cat([t, t * torch.tensor([[1.0, 3.0, 1.0, 1.0]], dtype=t.dtype)])
+    assert trainer._flops_imbalance([1.0, 1.0, 1.0, 1.0]) == pytest.approx((4 / 3 + 1.0) / 2)
 
 
 def test_tied_lm_head_is_not_reported_missing_after_a_checkpoint_load(rows, tmp_path):

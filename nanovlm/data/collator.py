@@ -11,9 +11,10 @@ Non-standard on purpose:
   token from the previous sample's last token (labels are unshifted; the loss shifts them).
 - `pixel_values` concatenates every sample's tiles in token order (row 0's samples first, then row 1, ...), which
   is the order the image tokens appear in `input_ids.flatten()`.
-- Non-tensor keys the trainer pops before the forward: `stats` (plain ints for logging), `data_state` (each
-  pack's resume state, see `nanovlm.data.packing.combine_pack_states`) and, when the source counts skipped
-  samples, `skipped` (each worker's cumulative skip counts per reason).
+- Bookkeeping travels beside the model inputs under one key, `batch[BOOKKEEPING_KEY]`, which the trainer pops in one
+  place before the forward: `stats` (plain ints for logging), `data_state` (each pack's resume state, see
+  `nanovlm.data.packing.combine_pack_states`) and `skipped` (each worker's cumulative skip counts per reason, from
+  the packs that carry them; empty when the source counts no skips).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from typing import Any
 
 import torch
 
+from .samples import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
+BOOKKEEPING_KEY = "bookkeeping"  # the one batch key that is not a model input
 
-__all__ = ["IGNORE_INDEX", "PackedCollator"]
+__all__ = ["BOOKKEEPING_KEY", "IGNORE_INDEX", "PackedCollator"]
 
 
 @dataclass
@@ -42,9 +45,10 @@ class PackedCollator:
 
     Returns a dict with `input_ids`, `labels`, `position_ids` (B, T) int64; `pixel_values` (N, 3, H, W) or None;
     `cu_seq_lens_q`, `cu_seq_lens_k` (S + 1,) int32 and `max_length_q`, `max_length_k` (int) over the flattened
-    batch (every sample and every row's padding is one sequence); `stats` (dict of ints: num_rows, row_length,
-    num_samples, num_real_tokens, num_pad_tokens, num_label_tokens, num_images, num_tiles); `data_state` (list of
-    each pack's state, None where a pack had none).
+    batch (every sample and every row's padding is one sequence); and under `BOOKKEEPING_KEY` a dict of `stats`
+    (dict of ints: num_rows, row_length, num_samples, num_real_tokens, num_pad_tokens, num_label_tokens,
+    num_images, num_tiles), `data_state` (list of each pack's state, None where a pack had none) and `skipped` (list
+    of the `{"worker", "counts"}` skip counts the packs carried).
 
     Args:
         pad_token_id: id written into padded `input_ids`.
@@ -123,7 +127,7 @@ class PackedCollator:
             batch["cu_seq_lens_k"] = cu_seq_lens.clone()
             batch["max_length_q"] = batch["max_length_k"] = max(seq_lens)
         num_real = sum(row_lengths)
-        batch["stats"] = {
+        stats = {
             "num_rows": len(rows),
             "row_length": width,
             "num_samples": sum(len(samples) for samples in rows),
@@ -133,8 +137,7 @@ class PackedCollator:
             "num_images": num_images,
             "num_tiles": sum(int(p.shape[0]) for p in pixel_values),
         }
-        batch["data_state"] = states
+        # the latest cumulative skip counts of each worker seen in this batch
         skipped = [pack["skipped"] for pack in packs if isinstance(pack, Mapping) and pack.get("skipped")]
-        if skipped:  # the latest cumulative skip counts of each worker seen in this batch
-            batch["skipped"] = skipped
+        batch[BOOKKEEPING_KEY] = {"stats": stats, "data_state": states, "skipped": skipped}
         return batch

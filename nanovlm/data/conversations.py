@@ -30,9 +30,11 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..processing_nanovlm import IMAGE_TOKEN
+
 logger = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<|image|>"
+IMAGE_PLACEHOLDER = IMAGE_TOKEN  # the chat template's placeholder is the image token itself
 
 RATING_COLUMNS: dict[str, str] = {
     "relevance": "relevance_ratings",

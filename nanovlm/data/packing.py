@@ -33,7 +33,7 @@ import logging
 import math
 import random
 from bisect import bisect_left, insort
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 from torch.utils.data import IterableDataset, get_worker_info
@@ -46,6 +46,7 @@ NANOVLM_EXTRA_PACKS = 5  # nanoVLM opens ceil(total length / seq_length) + 5 pac
 __all__ = [
     "Measured",
     "PackedDataset",
+    "balanced_groups",
     "combine_pack_states",
     "group_lengths",
     "knapsack_pack",
@@ -370,6 +371,39 @@ def combine_pack_states(
     return state
 
 
+def balanced_groups(costs: Sequence[float], group_size: int) -> list[list[int]]:
+    """Deal items into groups of `group_size` (the last ones one smaller when it does not divide) whose cost sums
+    are close: sorted by cost, dealt in a serpentine (0..G-1, G-1..0, ...), so with 2 per group the heaviest goes
+    with the lightest. Returns the groups as lists of item indices.
+
+    Why hand-written: a serpentine deal is the standard near-balanced partition into fixed-size groups, a few lines
+    over a sort; no library we depend on has it.
+    """
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int; got {group_size!r}.")
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    n_groups = max(1, math.ceil(len(costs) / group_size))
+    groups: list[list[int]] = [[] for _ in range(n_groups)]
+    for k, i in enumerate(order):
+        turn, pos = divmod(k, n_groups)
+        groups[pos if turn % 2 == 0 else n_groups - 1 - pos].append(i)
+    return [g for g in groups if g]
+
+
+def _split_to_multiple(groups: list[list[int]], multiple: int) -> list[list[int]]:
+    """Split the packs with the most samples in two until the pack count is a multiple of `multiple` (while some
+    pack has two samples): each round then fills whole batches, so a worker's batches stay aligned with the
+    balanced groups from one round to the next (DataLoader batches consecutive packs). Costs at most
+    `multiple - 1` less-full packs per round."""
+    groups = list(groups)
+    while len(groups) % multiple:
+        k = max(range(len(groups)), key=lambda j: (len(groups[j]), -j))
+        if len(groups[k]) < 2:
+            break
+        groups[k : k + 1] = [groups[k][0::2], groups[k][1::2]]
+    return groups
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The dataset
 
@@ -420,6 +454,16 @@ class PackedDataset(IterableDataset):
         seed: seeds the pack order shuffle.
         infinite: loop over epochs forever; False stops after the epoch the state is in.
         image_unit: what the image cap counts: "images" (sample["n_images"]) or "tiles" (pixel_values.shape[0]).
+        pack_cost: (tokens, tiles) -> a pack's compute cost (e.g. `functools.partial(nanovlm.training.flops.
+            pack_flops, config)`); with `balance_group` > 1 it orders each round's packs so that every run of
+            `balance_group` consecutive packs (one batch of a DataLoader worker) costs about the round's mean: the
+            packs are dealt by cost (`balanced_groups`) and the groups shuffled. A data-parallel step waits for its
+            slowest rank, and a pack's cost varies with its tiles (ViT) far more than with its tokens (packs are
+            nearly full). None (default): the packs are shuffled one by one.
+        balance_group: packs per batch (the per-device batch size) for `pack_cost`. Each round's pack count is made
+            a multiple of it (the packs with the most samples are split) so batches stay aligned with the groups;
+            a pack dropped whole at build time shifts the later batches by one pack (resume stays exact: the
+            order depends only on the round).
     """
 
     def __init__(
@@ -431,12 +475,15 @@ class PackedDataset(IterableDataset):
         seed: int = 0,
         infinite: bool = False,
         image_unit: Literal["images", "tiles"] = "images",
+        pack_cost: Callable[[int, int], float] | None = None,
+        balance_group: int = 1,
     ) -> None:
         super().__init__()
-        if not (hasattr(source, "iter_from") or hasattr(source, "__getitem__") or hasattr(source, "__iter__")):
+        if not any(hasattr(source, name) for name in ("measure_from", "iter_from", "__getitem__", "__iter__")):
             raise TypeError(
-                f"source of type {type(source).__name__} is not readable: give an object with iter_from(start, "
-                "stride), a map-style dataset (__len__, __getitem__) or an iterable of processed samples."
+                f"source of type {type(source).__name__} is not readable: give an object with measure_from(start, "
+                "stride) and build_measured(item), iter_from(start, stride), a map-style dataset (__len__, "
+                "__getitem__) or an iterable of processed samples."
             )
         if not isinstance(seq_length, int) or seq_length < 1:
             raise ValueError(f"seq_length must be a positive int; got {seq_length!r}.")
@@ -446,6 +493,8 @@ class PackedDataset(IterableDataset):
             raise ValueError(f"buffer_size must be a positive int; got {buffer_size!r}.")
         if image_unit not in ("images", "tiles"):
             raise ValueError(f"image_unit must be 'images' or 'tiles'; got {image_unit!r}.")
+        if not isinstance(balance_group, int) or balance_group < 1:
+            raise ValueError(f"balance_group must be a positive int (packs per batch); got {balance_group!r}.")
         self.source = source
         self.seq_length = seq_length
         self.max_images_per_pack = max_images_per_pack
@@ -453,6 +502,8 @@ class PackedDataset(IterableDataset):
         self.seed = seed
         self.infinite = infinite
         self.image_unit = image_unit
+        self.pack_cost = pack_cost
+        self.balance_group = balance_group
         self._resume = _empty_state()  # where the next __iter__ starts
         self._progress: dict[str, Any] | None = None  # state after the last pack yielded in this process
 
@@ -508,10 +559,11 @@ class PackedDataset(IterableDataset):
             return (self.source[i] for i in range(first, len(self.source), num_workers))
         return itertools.islice(iter(self.source), first, None, num_workers)
 
-    def _measure(self, sample: Mapping[str, Any] | Measured, position: int) -> tuple[int, int]:
-        """(token length, image count) of the sample (or measured row) at source `position`, checked against the
-        caps."""
+    def _measure(self, sample: Mapping[str, Any] | Measured, position: int) -> tuple[int, int, int]:
+        """(token length, image count, tile count) of the sample (or measured row) at source `position`, checked
+        against the caps; the image count is in `image_unit`."""
         if isinstance(sample, Measured):
+            tiles = sample.n_tiles
             length, images = sample.length, sample.n_tiles if self.image_unit == "tiles" else sample.n_images
         else:
             length, pixel_values = len(sample["input_ids"]), sample.get("pixel_values")
@@ -529,7 +581,7 @@ class PackedDataset(IterableDataset):
                 f"sample at source position {position} has {images} {self.image_unit}, more than "
                 f"max_images_per_pack={self.max_images_per_pack}: skip such samples upstream or raise the cap."
             )
-        return length, int(images)
+        return length, int(images), int(tiles)
 
     def _build_pack(self, group: list[Any]) -> list[dict]:
         """The samples of one pack: measured rows are built now; those that fail now (counted) are left out."""
@@ -542,7 +594,16 @@ class PackedDataset(IterableDataset):
             (s, *self._measure(s, worker + (start + j) * num_workers)) for j, s in enumerate(samples) if s is not None
         ]
         groups = knapsack_pack([k[1] for k in kept], [k[2] for k in kept], self.seq_length, self.max_images_per_pack)
-        random.Random(f"{self.seed}-{epoch}-{worker}-{num_workers}-{start}").shuffle(groups)
+        rng = random.Random(f"{self.seed}-{epoch}-{worker}-{num_workers}-{start}")
+        if self.pack_cost is not None and self.balance_group > 1:
+            groups = _split_to_multiple(groups, self.balance_group)
+            costs = [self.pack_cost(sum(kept[i][1] for i in g), sum(kept[i][3] for i in g)) for g in groups]
+            batches = balanced_groups(costs, self.balance_group)
+            rng.shuffle(batches)
+            batches.sort(key=len, reverse=True)  # stable: a short group (no pack left to split) goes last
+            groups = [groups[i] for batch in batches for i in batch]
+        else:
+            rng.shuffle(groups)
         return [[kept[i][0] for i in group] for group in groups]
 
     def _iter_worker(self, worker: int, num_workers: int, state: Mapping[str, int] | None) -> Iterator[dict]:

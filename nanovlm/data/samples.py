@@ -9,7 +9,7 @@ A sample is exactly what the packer and the collator consume::
 processor's normalised float32 instead.)
 
 `labels` equal `input_ids` on every assistant reply and its `<|im_end|>` (the chat template's generation markers)
-and -100 elsewhere; they are unshifted (the model shifts them).
+and IGNORE_INDEX (-100) elsewhere; they are unshifted (the model shifts them).
 
 Every bad input is a skip with a stable reason, never a crash: `SampleBuilder.build(row)` returns `(sample, None)`
 or `(None, reason)` and counts the reason in its `SkipCounter`. Reasons are the keys of `SKIP_REASONS`, plus
@@ -21,6 +21,10 @@ to RGB (transparency composited on white) and kept.
 Two stages per row: `SampleBuilder.measure(row)` gives the sample's exact token length, image and tile counts from
 the text and the image headers (no pixel decoded) and applies every skip rule that needs no pixels;
 `SampleBuilder.build(row, measure=...)` decodes, tiles and tokenizes later, for the pack about to be yielded.
+Both render the same text (`SampleBuilder._render`): the chat template over the messages, each placeholder replaced
+in order by the string of the row's k-th image. The row's image list goes to the image processor as it is, never
+through the message blocks and back (what `processor.apply_chat_template(tokenize=True)` does for inference, which
+regroups images by counting placeholders); the result is the same ids, answer mask and pixels (tested).
 
 Two adapters turn a row source into the packer's sample source (`nanovlm.data.packing.PackedDataset`), each with
 `measure_from(start, stride)` / `build_measured(item)` for that two-stage reading:
@@ -33,6 +37,7 @@ own summary every `log_every` rows); the main process's builder sees none of the
 
 from __future__ import annotations
 
+import bisect
 import copy
 import itertools
 import logging
@@ -43,6 +48,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from ..image_processing_nanovlm import ImageTooLargeError, image_size, load_image
 from ..processing_nanovlm import NanoVLMProcessor
@@ -53,7 +59,6 @@ from .conversations import (
     RatingThresholds,
     SkipSample,
     as_image_list,
-    attach_images,
     filter_turns,
     turns_to_messages,
 )
@@ -276,21 +281,38 @@ class SampleBuilder:
         images, messages = self._messages(row)
         image_processor = self.processor.image_processor
         grids = [image_processor.grid(*self._header_size(image, k)) for k, image in enumerate(images)]
-        # The processor's own steps without pixels: render the template, expand each placeholder into its image
-        # string (`<image: k>` only with several images), tokenize like `apply_chat_template(tokenize=True)` does.
-        text = self.processor.apply_chat_template(messages, tokenize=False)
-        parts = text.split(self.image_token)
+        text, _ = self._render(messages, grids)
+        length = len(self.processor.tokenizer(text, add_special_tokens=self._add_special(text))["input_ids"])
+        if self.max_sample_length is not None and length > self.max_sample_length:
+            raise SkipSample("too_long", f"{length} tokens > max_sample_length={self.max_sample_length}")
+        return length, len(images), sum(image_processor.num_tiles(g) for g in grids)
+
+    def _render(self, messages: list[dict], grids: Sequence[Sequence[int]]) -> tuple[str, list[tuple[int, int]]]:
+        """The processor's own steps, with the row's image list kept as it is: render the chat template, replace the
+        k-th placeholder by the k-th image's string (`<image: k>` only with several images), and return that text
+        with the character spans of the assistant answers (the template's `{% generation %}` blocks) in it.
+
+        Why not `processor.apply_chat_template(tokenize=True)` (what inference uses): it takes the images back out
+        of the message blocks and regroups them by counting placeholders; the builder already holds the list."""
+        rendered, generation = render_jinja_template(
+            conversations=[messages], chat_template=self.processor.chat_template,
+            return_assistant_tokens_mask=True, **self.processor.tokenizer.special_tokens_map,
+        )
+        parts = rendered[0].split(self.image_token)
         if len(parts) != len(grids) + 1:
             raise SkipSample("image_placeholder_mismatch", f"{len(parts) - 1} placeholders for {len(grids)} images")
         several = len(grids) > 1
         strings = [self.processor.image_string(g, k if several else None) for k, g in enumerate(grids)]
-        text = parts[0] + "".join(s + p for s, p in zip(strings, parts[1:]))
+        # where each placeholder ended in the rendered text, and the characters gained by expanding it
+        ends = list(itertools.accumulate(len(p) + len(self.image_token) for p in parts[:-1]))
+        gained = [0, *itertools.accumulate(len(s) - len(self.image_token) for s in strings)]
+        spans = [tuple(c + gained[bisect.bisect_right(ends, c)] for c in span) for span in generation[0]]
+        return parts[0] + "".join(s + p for s, p in zip(strings, parts[1:])), spans
+
+    def _add_special(self, text: str) -> bool:
+        """As `apply_chat_template(tokenize=True)`: no special tokens added when the template starts with BOS."""
         bos = self.processor.tokenizer.bos_token
-        add_special = not (bos is not None and text.startswith(bos))
-        length = len(self.processor.tokenizer(text, add_special_tokens=add_special)["input_ids"])
-        if self.max_sample_length is not None and length > self.max_sample_length:
-            raise SkipSample("too_long", f"{length} tokens > max_sample_length={self.max_sample_length}")
-        return length, len(images), sum(image_processor.num_tiles(g) for g in grids)
+        return not (bos is not None and text.startswith(bos))
 
     def _header_size(self, image: Any, k: int) -> tuple[int, int]:
         """(width, height) of one image of the row from its header, or SkipSample like `_decode`."""
@@ -306,23 +328,20 @@ class SampleBuilder:
 
     def _build(self, row: Any, count_turns: bool = True) -> dict[str, Any]:
         images, messages = self._messages(row, count_turns)
-        if images:
-            messages = attach_images(messages, [self._decode(image, k) for k, image in enumerate(images)])
-
-        # Python lists, not return_tensors="pt": transformers builds the assistant mask by looping over the offset
-        # mapping in Python, which on tensors (one small tensor per element) made this call 2.8x slower, about a
-        # third of all preprocessing time in the demo. Pixel values come back as a tensor either way.
-        out = self._build_processor.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        input_ids = torch.tensor(out["input_ids"][0], dtype=torch.long)  # (T,)
+        pixel_values, grids = None, []
+        if images:  # the row's image list, in order, straight to the image processor (tiles uint8 unless disabled)
+            processed = self._build_processor.image_processor([[self._decode(im, k) for k, im in enumerate(images)]])
+            pixel_values, grids = processed["pixel_values"], processed["image_grids"].tolist()
+        text, spans = self._render(messages, grids)
+        tokens = self.processor.tokenizer(text, add_special_tokens=self._add_special(text), return_offsets_mapping=True)
+        input_ids = torch.tensor(tokens["input_ids"], dtype=torch.long)  # (T,)
         if self.max_sample_length is not None and input_ids.numel() > self.max_sample_length:
             raise SkipSample("too_long", f"{input_ids.numel()} tokens > max_sample_length={self.max_sample_length}")
-        mask = torch.as_tensor(out["assistant_masks"])[0].bool()  # (T,)
+        # A token is an answer token when it overlaps an answer span (the rule of transformers' assistant mask).
+        mask = torch.tensor([any(a < end and b > start for start, end in spans) for a, b in tokens["offset_mapping"]])
         if not mask.any():
             raise SkipSample("no_label_tokens", "the chat template marked no assistant token")
         labels = input_ids.masked_fill(~mask, IGNORE_INDEX)  # (T,)
-        pixel_values = out.get("pixel_values") if images else None
         if pixel_values is not None:  # (n_tiles, 3, S, S) uint8, or float32 without uint8_tiles
             pixel_values = torch.as_tensor(pixel_values)
             pixel_values = (pixel_values if self.uint8_tiles else pixel_values.float()).contiguous()

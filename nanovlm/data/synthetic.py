@@ -50,6 +50,8 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .conversations import RATING_COLUMNS as _RATING_COLUMN_BY_NAME
+
 if TYPE_CHECKING:  # imported lazily at run time: rendering samples needs only PIL
     import datasets
 
@@ -91,12 +93,7 @@ DEFAULT_TYPE_WEIGHTS: dict[str, float] = {
     "reading": 1.0,
     "multi_image": 0.75,
 }
-RATING_COLUMNS: tuple[str, ...] = (
-    "relevance_ratings",
-    "image_correspondence_ratings",
-    "visual_dependency_ratings",
-    "formatting_ratings",
-)
+RATING_COLUMNS: tuple[str, ...] = tuple(_RATING_COLUMN_BY_NAME.values())  # FineVision's four, in its order
 SOURCE = "nanovlm_synthetic"
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 # A curriculum split of single-object scenes (see `build_synthetic_dataset(num_train_simple=...)`).

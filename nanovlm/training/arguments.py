@@ -25,16 +25,13 @@ from typing import Any
 from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
+from ..data.conversations import RATING_COLUMNS
+
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATIONS = ["eager", "sdpa", "flash_attention_2", "flex_attention"]
 LOSS_NORMALIZATIONS = ["global_tokens", "micro_batch_mean"]
-RATING_FIELDS = (
-    "min_relevance_rating",
-    "min_image_correspondence_rating",
-    "min_visual_dependency_rating",
-    "min_formatting_rating",
-)
+RATING_FIELDS = tuple(f"min_{name}_rating" for name in RATING_COLUMNS)  # one flag per FineVision rating column
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIN_TOKENIZER_VOCAB_SIZE = 259  # 256 bytes + the three ChatML tokens, see `nanovlm.tokenizer.train_tokenizer`
 
@@ -408,6 +405,14 @@ class DataArguments:
             "help": "Rows each DataLoader worker packs together: larger packs tighter (real-token fraction 0.99 at "
             "2048 for 4096-token packs). The buffer holds each row's measures and, for a stream, its undecoded row "
             "(its encoded image bytes); images are decoded only for the pack about to be yielded."
+        },
+    )
+    balance_batches: bool = field(
+        default=False,
+        metadata={
+            "help": "Order each pack round so that every batch of a worker costs about the same training FLOPs (packs "
+            "dealt by their FLOP estimate, heavy with light): ranks then wait less for each other. 460m recipe: on; "
+            "bench/rank_balance.py measures it."
         },
     )
     stream_shuffle_buffer_size: int = field(

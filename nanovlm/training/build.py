@@ -5,6 +5,7 @@ Kept out of `train_accelerate.py` so each piece is importable and tested on its 
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import math
@@ -19,14 +20,16 @@ from transformers import AutoProcessor
 
 from ..configuration_nanovlm import NanoVLMConfig
 from ..data.collator import PackedCollator
-from ..data.conversations import RatingThresholds
+from ..data.conversations import RATING_COLUMNS, RatingThresholds
 from ..data.packing import PackedDataset
 from ..data.samples import SampleBuilder, SampleDataset, SampleStream
 from ..data.sources import load_finevision, shard_for_rank, shuffle_dataset, split_train_val, stream_read_factor
 from ..modeling_nanovlm import NanoVLMForConditionalGeneration
 from ..processing_nanovlm import NanoVLMProcessor
 from ..tokenizer import extend_tokenizer, train_tokenizer
+from .arguments import RATING_FIELDS
 from .errors import UsageError
+from .flops import pack_flops
 
 logger = logging.getLogger(__name__)
 
@@ -304,18 +307,14 @@ def check_sample_fits(data_args, processor: NanoVLMProcessor) -> None:
         )
 
 
-def build_datasets(data_args, training_args, processor, train_rows, eval_rows):
+def build_datasets(data_args, training_args, processor, train_rows, eval_rows, model_config=None):
     """(train PackedDataset, eval PackedDataset or None, collator) over this process's share of the rows.
+    `model_config` prices packs for `--balance_batches` (training packs only; evaluation order does not matter).
     Raises `UsageError` when no sample with an image fits `--seq_length` / `--max_sample_length`."""
     check_sample_fits(data_args, processor)
     builder = SampleBuilder(
         processor,
-        thresholds=RatingThresholds(
-            relevance=data_args.min_relevance_rating,
-            image_correspondence=data_args.min_image_correspondence_rating,
-            visual_dependency=data_args.min_visual_dependency_rating,
-            formatting=data_args.min_formatting_rating,
-        ),
+        thresholds=RatingThresholds(**{name: getattr(data_args, f"min_{name}_rating") for name in RATING_COLUMNS}),
         max_sample_length=data_args.max_sample_length,
         max_images_per_example=data_args.max_images_per_example,
         max_image_pixels=data_args.max_image_pixels,
@@ -326,11 +325,18 @@ def build_datasets(data_args, training_args, processor, train_rows, eval_rows):
             return SampleStream(rows, builder)
         return SampleDataset(rows, builder, seed=seed, first=first)
 
-    def packed(rows, infinite, seed, first=0):
+    balance = {}
+    if data_args.balance_batches:
+        if model_config is None:
+            raise UsageError("--balance_batches true needs the model config to price packs: pass model_config")
+        balance = {"pack_cost": functools.partial(pack_flops, model_config),
+                   "balance_group": training_args.per_device_train_batch_size}
+
+    def packed(rows, infinite, seed, first=0, **kwargs):
         return PackedDataset(
             source(rows, seed, first), seq_length=data_args.seq_length,
             max_images_per_pack=data_args.max_images_per_knapsack, buffer_size=data_args.pack_buffer_size,
-            seed=training_args.seed, infinite=infinite,
+            seed=training_args.seed, infinite=infinite, **kwargs,
         )
 
     rank, world = training_args.process_index, training_args.world_size
@@ -344,7 +350,7 @@ def build_datasets(data_args, training_args, processor, train_rows, eval_rows):
         train_rows, first = datasets.concatenate_datasets([curriculum, train_rows]), len(curriculum)
         logger.info("Curriculum: the first epoch reads %d %s rows before the %d %s rows", first,
                     data_args.curriculum_split, len(train_rows) - first, data_args.train_split)
-    train = packed(train_rows, infinite=True, seed=training_args.seed, first=first)
+    train = packed(train_rows, infinite=True, seed=training_args.seed, first=first, **balance)
     evaluation = None
     if eval_rows is not None:
         evaluation = packed(shard_for_rank(eval_rows, rank, world), infinite=False, seed=None)
@@ -358,8 +364,7 @@ DATA_POSITION_FLAGS = {
     "data": (
         "dataset_name_or_path", "dataset_configs", "train_split", "curriculum_split", "streaming", "val_size",
         "eval_split", "max_sample_length", "max_images_per_example", "max_images_per_knapsack", "seq_length",
-        "pack_buffer_size", "max_image_pixels", "min_relevance_rating", "min_image_correspondence_rating",
-        "min_visual_dependency_rating", "min_formatting_rating",
+        "pack_buffer_size", "max_image_pixels", "balance_batches", *RATING_FIELDS,
     ),
     "model": ("tile_size", "max_image_size", "max_grid", "upscale_images"),  # tokens per image
     "training": ("seed", "dataloader_num_workers"),  # the shuffle; the pack state is kept per DataLoader worker

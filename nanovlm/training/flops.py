@@ -58,6 +58,13 @@ def estimate_flops(config, stats: dict) -> float:
     return float(flops)
 
 
+def pack_flops(config, tokens: int, tiles: int) -> float:
+    """Training FLOPs of one pack of `tokens` tokens and `tiles` image tiles (a one-row batch): the cost that
+    `PackedDataset(pack_cost=functools.partial(pack_flops, config))` balances batches by."""
+    stats = {"num_rows": 1, "row_length": tokens, "num_real_tokens": tokens, "num_tiles": tiles}
+    return estimate_flops(config, stats)
+
+
 def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak of the current CUDA device, or None (CPU, unknown GPU): then no MFU is logged."""
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -69,4 +76,4 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-__all__ = ["estimate_flops", "peak_flops", "PEAK_BF16"]
+__all__ = ["estimate_flops", "pack_flops", "peak_flops", "PEAK_BF16"]

@@ -5,10 +5,13 @@ What it overrides, and why (everything else is Trainer's):
   no weight decay on biases/norms/embeddings (unless --weight_decay_exempt_biases_norms_embeddings false), frozen
   parts (LR 0) left out; nanoVLM's warmup + cosine-to-10% per group. Trainer has a single LR and schedules that
   decay to 0.
-- `training_step`: pops the collator's `stats` / `data_state` (not model inputs), times data wait and
+- `_prepare_inputs`: pops the collator's bookkeeping (stats, data state, skip counts: not model inputs), the one
+  place it is taken off a batch; `training_step` records it (evaluation batches are not counted).
+- `training_step`: times data wait and
   forward+backward, feeds the non-finite-loss guard; with `--loss_normalization micro_batch_mean` it withholds the
   step's label-token count, so each micro-batch's mean is divided by the accumulation steps (the original's rule).
-- `log`: adds every group's LR and throughput statistics gathered across processes (mean/min/max).
+- `log`: adds every group's LR and throughput statistics gathered across processes (mean/min/max), among them the
+  FLOP estimate per step (`perf/step_tflops*`) and its per-step max/mean over ranks (`perf/step_flops_max_over_mean`).
 - `evaluate`: token-weighted validation loss over the whole held-out set (Trainer averages per batch).
 - `_save_checkpoint` / `train`: the packed dataset's position is saved with every checkpoint (before
   trainer_state.json, which Trainer writes last: a checkpoint without a readable trainer_state.json is incomplete
@@ -36,7 +39,9 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..data.collator import BOOKKEEPING_KEY
 from ..data.packing import PackedDataset, combine_pack_states
+from ..data.samples import IGNORE_INDEX
 from ..model_card_nanovlm import save_training_info, write_model_card
 from .errors import UsageError
 from .flops import estimate_flops, peak_flops
@@ -107,6 +112,7 @@ class NanoVLMTrainer(Trainer):
             sync=lambda t: self.accelerator.gather(t.reshape(1)),
         )
         self.data_state: dict | None = None
+        self._bookkeeping: dict[str, Any] = {}  # the last batch's, popped by _prepare_inputs
         self.skip_counts: Counter = Counter()  # samples skipped by reason, summed over this process's workers
         self._skip_by_worker: dict[int, dict] = {}
         self._reset_window()
@@ -165,29 +171,34 @@ class NanoVLMTrainer(Trainer):
         return self.lr_scheduler
 
     # ---- one step ------------------------------------------------------------------------------------------------
-    def _pop_extras(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        stats = inputs.pop("stats", None) or {}
-        states = inputs.pop("data_state", None)
-        skipped = inputs.pop("skipped", None)
-        if states:
-            self.data_state = combine_pack_states(states, self.data_state)
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        # Every batch passes here (training_step, prediction_step, evaluate) before the forward: the one place where
+        # the collator's bookkeeping is taken off. training_step records it; evaluation batches are dropped.
+        self._bookkeeping = inputs.pop(BOOKKEEPING_KEY, None) or {}
+        return super()._prepare_inputs(inputs)
+
+    def _record_bookkeeping(self, bookkeeping: dict[str, Any]) -> dict[str, Any]:
+        """Fold a training batch's pack states and skip counts into the trainer's; returns its stats."""
+        if bookkeeping.get("data_state"):
+            self.data_state = combine_pack_states(bookkeeping["data_state"], self.data_state)
+        skipped = bookkeeping.get("skipped")
         for entry in skipped or ():
             self._skip_by_worker[entry["worker"]] = entry["counts"]
         if skipped:
             self.skip_counts = sum((Counter(c) for c in self._skip_by_worker.values()), Counter())
-        return stats
+        return bookkeeping.get("stats") or {}
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         start = time.perf_counter()
         if self._last_step_end is not None:
             self._window["data_wait"] += start - self._last_step_end
-        stats = self._pop_extras(inputs)
         self._lrs_in_use = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
         if self.args.loss_normalization == "micro_batch_mean":
             # Without the step's label-token count the model returns this micro-batch's mean, which Trainer divides
             # by the accumulation steps (and DDP averages over processes): the original nanoVLM's rule.
             num_items_in_batch = None
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)  # pops the bookkeeping (_prepare_inputs)
+        stats = self._record_bookkeeping(self._bookkeeping)
         self.nonfinite_guard.observe(loss)
         if self.args.device.type == "cuda":
             torch.cuda.synchronize()
@@ -195,17 +206,16 @@ class NanoVLMTrainer(Trainer):
         self._window["fwd_bwd"] += end - start
         for key in ("num_real_tokens", "num_pad_tokens", "num_samples", "num_images", "num_tiles"):
             self._window[key] += stats.get(key, 0)
-        self._window["flops"] += estimate_flops(self.model.config, stats)
+        flops = estimate_flops(self.model.config, stats)
+        self._window["flops"] += flops
+        self._micro_flops.append(flops)
         self._last_step_end = end
         return loss
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._pop_extras(inputs)  # also reached from prediction_step
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     # ---- logging -------------------------------------------------------------------------------------------------
     def _reset_window(self) -> None:
         self._window = Counter()
+        self._micro_flops: list[float] = []  # this rank's FLOP estimate per micro-batch of the window
         self._window_start = time.perf_counter()
 
     def _gathered(self, values: dict[str, float]) -> dict[str, float]:
@@ -259,7 +269,12 @@ class NanoVLMTrainer(Trainer):
         peak = peak_flops(self.args.device)
         if peak:
             local["mfu"] = w["flops"] / wall / peak
+        steps = self._micro_flops
+        if steps:
+            local["step_tflops"] = sum(steps) / len(steps) * self.args.gradient_accumulation_steps / 1e12
         logs = {f"perf/{k}": v for k, v in self._gathered(local).items()}
+        if steps:
+            logs["perf/step_flops_max_over_mean"] = self._flops_imbalance(steps)
         logs["data/skipped_total"] = float(sum(self.skip_counts.values()))
         for reason, n in sorted(self.skip_counts.items()):
             logs[f"data/skipped/{reason}"] = float(n)
@@ -267,6 +282,19 @@ class NanoVLMTrainer(Trainer):
         logs["nonfinite_steps_skipped"] = float(self.nonfinite_guard.total_skipped)
         self._reset_window()
         return logs
+
+    def _flops_imbalance(self, micro_flops: list[float]) -> float:
+        """Mean over the window's optimizer steps of (max over ranks / mean over ranks) of the step's FLOP estimate:
+        the slowest rank sets a data-parallel step's time, so 1.0 is perfect balance. Every rank ran the same
+        micro-batches in the window, so the per-rank vectors line up (a trailing partial accumulation counts as a
+        step of its own)."""
+        local = torch.tensor(micro_flops, device=self.args.device, dtype=torch.float64)
+        every = self.accelerator.gather(local.unsqueeze(0)).reshape(-1, len(micro_flops)).cpu()  # (ranks, micro)
+        acc = self.args.gradient_accumulation_steps
+        steps = torch.stack([every[:, i : i + acc].sum(1) for i in range(0, every.shape[1], acc)], 1)  # (ranks, steps)
+        mean = steps.mean(0)
+        ratio = torch.where(mean > 0, steps.max(0).values / mean.clamp_min(1e-30), torch.ones_like(mean))
+        return ratio.mean().item()
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -280,9 +308,8 @@ class NanoVLMTrainer(Trainer):
             for i, inputs in enumerate(dataloader):
                 if self.args.eval_max_batches is not None and i >= self.args.eval_max_batches:
                     break
-                inputs.pop("stats", None), inputs.pop("data_state", None), inputs.pop("skipped", None)
                 inputs = self._prepare_inputs(inputs)
-                n_tokens = (inputs["labels"][..., 1:] != -100).sum()
+                n_tokens = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
                 with self.compute_loss_context_manager():
                     loss = model(**inputs, num_items_in_batch=torch.ones((), device=self.args.device)).loss
                 totals += torch.stack([loss.double(), n_tokens.double()])
