@@ -229,7 +229,8 @@ class ModelArguments:
         metadata={
             "help": "With --random_init: start the vision tower's learned position embeddings from a 2-D sin-cos "
             "grid (as MAE does) times this scale instead of random noise. A tower trained from scratch then tells "
-            "its patches' positions apart from the first step; the demo uses 2.0. None keeps the random init."
+            "its patches' positions apart from the first step; the demo uses 2.0. None keeps the random init. Recorded "
+            "in the model config (vision_sincos_position_scale)."
         },
     )
     tokenizer_train_vocab_size: int | None = field(
@@ -727,7 +728,7 @@ class NanoVLMTrainingArguments(TrainingArguments):
     )
     warmup_steps: float = field(
         default=0.03,
-        metadata={"help": "Linear warmup: a number of steps, or below 1 a fraction of the total steps (nanoVLM: 0.03)."},
+        metadata={"help": "Linear warmup: a step count, or below 1 a fraction of the total steps (nanoVLM: 0.03)."},
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
     bf16: bool | None = field(
