@@ -12,7 +12,6 @@ listing each as `--flag must ...: got X`, so a bad YAML recipe fails at once wit
 `run_name` builds nanoVLM's descriptive run name (backbones, devices, global batch, steps, learning rates, date).
 """
 
-import dataclasses
 import json
 import logging
 import math
@@ -930,16 +929,10 @@ def run_name(
     return "_".join(parts)
 
 
-def field_names(*dataclass_types: type) -> list[str]:
-    """Init field names of the given dataclasses, in order (the keys a YAML recipe may use)."""
-    return [f.name for dtype in dataclass_types for f in dataclasses.fields(dtype) if f.init]
-
-
 __all__ = [
     "ArgumentsError",
     "DataArguments",
     "ModelArguments",
     "NanoVLMTrainingArguments",
-    "field_names",
     "run_name",
 ]
