@@ -58,6 +58,9 @@ class NanoVLMConfig(PreTrainedConfig):
             Any decoder-only causal LM config (`model_type` picks the class). Defaults to SmolLM2-360M.
         pixel_shuffle_factor (`int`, defaults to 4):
             An n×n patch grid becomes (n/s)² image tokens of s²·D channels.
+        max_grid (`int`, defaults to 8):
+            Largest number of tile rows or columns of an image: the tokenizer holds `<row_i_col_j>` tokens up to it,
+            and `NanoVLMProcessor.from_config` tiles up to it.
         image_token_id (`int`, *optional*):
             Id of the image-feature token in the text vocabulary (set by the tokenizer builder).
         tie_word_embeddings (`bool`, *optional*):
@@ -91,6 +94,7 @@ class NanoVLMConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     pixel_shuffle_factor: int = 4
+    max_grid: int = 8
     image_token_id: int | None = None
     tie_word_embeddings: bool | None = None
     image_mean: list[float] | None = None
@@ -138,6 +142,8 @@ class NanoVLMConfig(PreTrainedConfig):
         s = self.pixel_shuffle_factor
         if not isinstance(s, int) or isinstance(s, bool) or s < 1:
             raise ValueError(f"`pixel_shuffle_factor` must be a positive int, got {s!r}.")
+        if not isinstance(self.max_grid, int) or isinstance(self.max_grid, bool) or self.max_grid < 1:
+            raise ValueError(f"`max_grid` must be a positive int, got {self.max_grid!r}.")
         if vc.image_size % vc.patch_size != 0:
             raise ValueError(
                 f"vision_config.image_size ({vc.image_size}) must be a multiple of vision_config.patch_size "

@@ -158,13 +158,12 @@ def iter_texts(rows, limit: int = 20000) -> Iterator[str]:
 
 
 def build_processor_for(config: NanoVLMConfig, tokenizer, model_args) -> NanoVLMProcessor:
-    """A processor matching `config` with the image settings of `model_args`."""
-    from .. import build_processor
-
+    """A processor matching `config` with the image settings of `model_args` (whose `--max_grid` built the
+    tokenizer)."""
     normalization = {
         key: value for key in ("image_mean", "image_std") if (value := getattr(model_args, key)) is not None
     }
-    return build_processor(
+    return NanoVLMProcessor.from_config(
         tokenizer, config, max_image_size=model_args.max_image_size, max_grid=model_args.max_grid,
         upscale=model_args.upscale_images, do_normalize=model_args.normalize_images, **normalization,
     )
@@ -178,6 +177,7 @@ def build_model_and_processor(model_args, train_rows=None):
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
         if not isinstance(processor, NanoVLMProcessor):
             raise TypeError(f"{model_args.model_name_or_path} holds a {type(processor).__name__}, not a NanoVLMProcessor.")
+        model.config.max_grid = processor.image_processor.max_grid  # checkpoints saved before the field say 8
         record_normalization(model.config, processor)
         return model, processor
 
@@ -209,6 +209,7 @@ def build_model_and_processor(model_args, train_rows=None):
             model_args.vision_model, model_args.text_model, tokenizer=tokenizer,
             pixel_shuffle_factor=model_args.pixel_shuffle_factor, **kw,
         )
+    model.config.max_grid = model_args.max_grid  # the grid the tokenizer was built for
     processor = build_processor_for(model.config, tokenizer, model_args)
     record_normalization(model.config, processor)
     return model, processor
