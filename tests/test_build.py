@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration
+from nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMProcessor
 from nanovlm.data import synthetic as syn
 from nanovlm.modeling_nanovlm import init_vision_positions_sincos, sincos_position_grid
 from nanovlm.training import parse_args
@@ -102,8 +102,14 @@ def test_demo_model_from_its_config_equals_the_training_paths_model_at_init(tmp_
     model_args, _, _ = parse_args(["--config", str(REPO / "configs/train/demo.yaml"), "--output_dir", str(tmp_path)])
     rows = syn.generate_split(40, "train", seed=0, config=syn.SyntheticConfig(image_size=64))
     torch.manual_seed(0)
-    trained_path, _ = build_model_and_processor(model_args, rows)
+    trained_path, processor = build_model_and_processor(model_args, rows)
     assert trained_path.config.vision_sincos_position_scale == 2.0  # recorded in the config
+    # the config also rebuilds the processor's tiling: one 64 px tile (--max_grid 1)
+    assert trained_path.config.max_grid == 1
+    rebuilt_processor = NanoVLMProcessor.from_config(processor.tokenizer, trained_path.config)
+    for key in ("tile_size", "max_grid", "max_image_size"):
+        assert getattr(rebuilt_processor.image_processor, key) == getattr(processor.image_processor, key), key
+    assert rebuilt_processor.image_seq_len == processor.image_seq_len == 16
     # ... and rebuilt from its config alone, as from_config / AutoModel.from_config do
     for build in (NanoVLMForConditionalGeneration._from_config, AutoModel.from_config):
         torch.manual_seed(0)
@@ -126,12 +132,16 @@ def test_demo_model_from_its_config_equals_the_training_paths_model_at_init(tmp_
 
 
 @pytest.mark.parametrize(
-    "value, message",
-    [(-1.0, r"must be a number > 0 or None, got -1\.0"), ("2", r"must be a number > 0 or None, got '2'")],
+    "kwargs, message",
+    [
+        ({"vision_sincos_position_scale": -1.0}, r"`vision_sincos_position_scale` must be a number > 0 or None, got -1\.0"),
+        ({"vision_sincos_position_scale": "2"}, r"`vision_sincos_position_scale` must be a number > 0 or None, got '2'"),
+        ({"max_grid": 0}, r"`max_grid` must be a positive int, got 0"),
+    ],
 )
-def test_sincos_scale_config_validation(value, message):
+def test_init_and_tiling_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        NanoVLMConfig(vision_sincos_position_scale=value)
+        NanoVLMConfig(**kwargs)
 
 
 def test_existing_synthetic_dataset_built_with_other_settings_is_an_error(tmp_path):
