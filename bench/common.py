@@ -193,7 +193,8 @@ def build_config(spec: ShapeSpec, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
     )
     return NanoVLMConfig(
-        text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token), **cfg
+        text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
+        max_grid=spec.max_grid, **cfg,
     )
 
 
@@ -211,9 +212,9 @@ def build_model(spec: ShapeSpec, tokenizer, attn_implementation: str = "sdpa", s
 
 def build_processor_for_shape(spec: ShapeSpec, tokenizer, config):
     """The processor the shape trains with (tile size, max image size, grid)."""
-    from nanovlm import build_processor
+    from nanovlm import NanoVLMProcessor
 
-    return build_processor(tokenizer, config, max_image_size=spec.max_image_size, max_grid=spec.max_grid)
+    return NanoVLMProcessor.from_config(tokenizer, config, max_image_size=spec.max_image_size)
 
 
 def parameter_counts(model) -> dict[str, int]:

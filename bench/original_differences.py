@@ -69,7 +69,7 @@ def train_once(args: argparse.Namespace, settings: dict[str, Any], rows, tokeniz
         training_args = NanoVLMTrainingArguments(
             output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
             gradient_accumulation_steps=args.accumulation, lr_mp=lr_mp, lr_vision_backbone=lr_vision,
-            lr_language_backbone=lr_language, warmup_fraction=args.warmup_fraction, weight_decay=0.01,
+            lr_language_backbone=lr_language, warmup_steps=args.warmup_fraction, weight_decay=0.01,
             max_grad_norm=1.0, logging_steps=1, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
             report_to="none", dataloader_num_workers=0, use_cpu=True, seed=args.seed, data_seed=args.seed,
             disable_tqdm=True, **settings,

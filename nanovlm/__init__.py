@@ -36,16 +36,6 @@ NanoVLMImageProcessor.register_for_auto_class("AutoImageProcessor")
 NanoVLMProcessor.register_for_auto_class("AutoProcessor")
 
 
-def build_processor(tokenizer, config: NanoVLMConfig, **image_processor_kwargs) -> NanoVLMProcessor:
-    """A processor whose tile size and image-token count match `config`; kwargs go to NanoVLMImageProcessor
-    (`max_image_size`, `max_grid`, `upscale`, `do_normalize`, `global_image_position`, ...)."""
-    image_processor_kwargs.setdefault("tile_size", config.tile_size)
-    max_grid = image_processor_kwargs.setdefault("max_grid", 8)
-    image_processor_kwargs.setdefault("max_image_size", config.tile_size * min(max_grid, max(1, 2048 // config.tile_size)))
-    image_processor = NanoVLMImageProcessor(**image_processor_kwargs)
-    return NanoVLMProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=config.image_seq_len)
-
-
 __all__ = [
     "NanoVLMConfig",
     "NanoVLMForConditionalGeneration",
@@ -53,7 +43,6 @@ __all__ = [
     "NanoVLMPreTrainedModel",
     "NanoVLMImageProcessor",
     "NanoVLMProcessor",
-    "build_processor",
     "extend_tokenizer",
     "train_tokenizer",
 ]

@@ -58,6 +58,9 @@ class NanoVLMConfig(PreTrainedConfig):
             Any decoder-only causal LM config (`model_type` picks the class). Defaults to SmolLM2-360M.
         pixel_shuffle_factor (`int`, defaults to 4):
             An n×n patch grid becomes (n/s)² image tokens of s²·D channels.
+        max_grid (`int`, defaults to 8):
+            Largest number of tile rows or columns of an image: the tokenizer holds `<row_i_col_j>` tokens up to it,
+            and `NanoVLMProcessor.from_config` tiles up to it.
         image_token_id (`int`, *optional*):
             Id of the image-feature token in the text vocabulary (set by the tokenizer builder).
         tie_word_embeddings (`bool`, *optional*):
@@ -66,6 +69,10 @@ class NanoVLMConfig(PreTrainedConfig):
             The image processor's normalisation (R, G, B), applied by the model to uint8 `pixel_values` (training
             tiles stay uint8 until the device); float `pixel_values` are used as given. Default SigLIP's 0.5/0.5;
             mean 0 and std 1 when the processor does not normalise. Training sets them from its processor.
+        vision_sincos_position_scale (`float`, *optional*):
+            At initialisation, the vision tower's learned position embeddings start as this scale x a 2-D sin-cos
+            grid (MAE's) instead of SigLIP's random normal; they stay trainable. None (default): SigLIP's init.
+            Weights loaded by `from_pretrained` are kept. The demo recipe uses 2.0.
 
     Example:
     ```python
@@ -87,10 +94,12 @@ class NanoVLMConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     pixel_shuffle_factor: int = 4
+    max_grid: int = 8
     image_token_id: int | None = None
     tie_word_embeddings: bool | None = None
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
+    vision_sincos_position_scale: float | None = None
 
     def __post_init__(self, **kwargs):
         for key in ("vision_config", "text_config"):
@@ -133,6 +142,8 @@ class NanoVLMConfig(PreTrainedConfig):
         s = self.pixel_shuffle_factor
         if not isinstance(s, int) or isinstance(s, bool) or s < 1:
             raise ValueError(f"`pixel_shuffle_factor` must be a positive int, got {s!r}.")
+        if not isinstance(self.max_grid, int) or isinstance(self.max_grid, bool) or self.max_grid < 1:
+            raise ValueError(f"`max_grid` must be a positive int, got {self.max_grid!r}.")
         if vc.image_size % vc.patch_size != 0:
             raise ValueError(
                 f"vision_config.image_size ({vc.image_size}) must be a multiple of vision_config.patch_size "
@@ -143,6 +154,14 @@ class NanoVLMConfig(PreTrainedConfig):
             raise ValueError(
                 f"The patch grid ({grid}x{grid} = image_size {vc.image_size} / patch_size {vc.patch_size}) must be "
                 f"divisible by pixel_shuffle_factor ({s}); use a factor that divides {grid}."
+            )
+        scale = self.vision_sincos_position_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+            raise ValueError(f"`vision_sincos_position_scale` must be a number > 0 or None, got {scale!r}.")
+        if scale is not None and vc.hidden_size % 4:
+            raise ValueError(
+                f"`vision_sincos_position_scale` needs vision_config.hidden_size divisible by 4 (sin and cos of rows "
+                f"and columns), got {vc.hidden_size}; set vision_sincos_position_scale None or change hidden_size."
             )
         if self.image_token_id is not None and not 0 <= self.image_token_id < self.text_config.vocab_size:
             raise ValueError(

@@ -13,6 +13,8 @@ Non-standard parts:
 - for packed rows (several samples per row, `position_ids` restarting at 0, no attention mask) the text model must
   run without a KV cache, otherwise the packed-sequence mask is silently dropped and samples attend to each other:
   `use_cache` is forced off when training or when labels are given;
+- `config.vision_sincos_position_scale` starts the vision tower's learned position table from a 2-D sin-cos grid
+  at init, so `from_config` rebuilds the demo model;
 - the text embedding has no padding row (transformers would never train the pad token's input embedding, and
   the pad token is `<|im_end|>` with SmolLM2's tokenizer);
 - `push_to_hub` uploads a model card built from the model (parameter counts, backbones, training, evaluation, usage;
@@ -25,12 +27,14 @@ This file is copied next to the weights by `save_pretrained`; it imports its sib
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_nanovlm import NanoVLMConfig
@@ -90,6 +94,36 @@ class NanoVLMCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
 
 
+def sincos_position_grid(side: int, dim: int, temperature: float = 100.0) -> torch.Tensor:
+    """(side * side, dim) 2-D sin-cos position codes of a row-major patch grid, as MAE's: the first half of the
+    channels encode the column, the second half the row, each as sin and cos of `dim / 4` frequencies from 1 down to
+    1 / temperature. Every row has norm sqrt(dim / 2). Hand-written: transformers has no helper for a learned
+    `nn.Embedding` table (SigLIP's) and timm is not a dependency."""
+    if side < 1 or dim < 4 or dim % 4:
+        raise ValueError(f"need side >= 1 and dim a positive multiple of 4, got side={side}, dim={dim}")
+    quarter = dim // 4
+    omega = temperature ** -(torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+
+    def encode(coordinate: torch.Tensor) -> torch.Tensor:
+        angles = coordinate.flatten().to(torch.float64)[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()  # (side * side, dim)
+
+
+def init_vision_positions_sincos(vision_tower: nn.Module, scale: float) -> None:
+    """Set the tower's learned position embeddings to `scale` x a 2-D sin-cos grid (they stay trainable), unless
+    they were loaded from a checkpoint. Raises for a table that is not a square patch grid."""
+    table = vision_tower.embeddings.position_embedding.weight  # (num_patches, hidden_size)
+    count, dim = table.shape
+    side = math.isqrt(count)
+    if side * side != count:
+        raise ValueError(f"vision_sincos_position_scale needs a square patch grid, got {count} positions.")
+    grid = sincos_position_grid(side, dim).to(device=table.device, dtype=table.dtype)
+    init.copy_(table, scale * grid)  # skips a table already loaded from a checkpoint
+
+
 class NanoVLMPreTrainedModel(PreTrainedModel):
     config: NanoVLMConfig
     config_class = NanoVLMConfig
@@ -102,6 +136,16 @@ class NanoVLMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the image-token scatter has a data-dependent count check
+
+    def _initialize_weights(self, module: nn.Module, *args, **kwargs) -> None:
+        super()._initialize_weights(module, *args, **kwargs)
+        # Here rather than in `_init_weights`: transformers skips `_init_weights` for a module of remote code that
+        # has no parameters of its own (NanoVLMModel), and the vision tower's modules get SigLIP's `_init_weights`.
+        # NanoVLMModel comes after its vision tower (children first), so this table is the one that stays; a table
+        # loaded by `from_pretrained` is flagged as initialised and kept (`init.copy_`).
+        scale = getattr(self.config, "vision_sincos_position_scale", None)
+        if scale is not None and isinstance(module, NanoVLMModel):
+            init_vision_positions_sincos(module.vision_tower, scale)
 
 
 def _text_model_without_padding_row(text_config) -> PreTrainedModel:
@@ -439,6 +483,8 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "sincos_position_grid",
+    "init_vision_positions_sincos",
     "NanoVLMForConditionalGeneration",
     "NanoVLMModel",
     "NanoVLMPreTrainedModel",

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from transformers.processing_utils import ProcessorMixin
 
-from .image_processing_nanovlm import NanoVLMImageProcessor  # noqa: F401  (copied along by save_pretrained)
+from .image_processing_nanovlm import NanoVLMImageProcessor
 
 IMAGE_TOKEN = "<|image|>"
 GLOBAL_IMAGE_TOKEN = "<|global_image|>"
+
+
+DEFAULT_MAX_IMAGE_SIDE = 2048  # nanoVLM's max_img_size: the long side of an image at most, in pixels
 
 
 def tile_token(row: int, col: int) -> str:
@@ -74,6 +77,19 @@ class NanoVLMProcessor(ProcessorMixin):
             )
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
+
+    @classmethod
+    def from_config(cls, tokenizer, config, **image_processor_kwargs) -> NanoVLMProcessor:
+        """A processor matching `config` (a `NanoVLMConfig`): tiles of `config.tile_size`, at most `config.max_grid`
+        per side, `config.image_seq_len` image tokens per tile. kwargs go to `NanoVLMImageProcessor` (`max_grid`,
+        `max_image_size`, `upscale`, `do_normalize`, `image_mean`, ...); `max_image_size` defaults to the largest
+        grid's side, at most nanoVLM's 2048 px."""
+        kwargs = {"tile_size": config.tile_size, **image_processor_kwargs}
+        if "max_grid" not in kwargs:
+            kwargs["max_grid"] = config.max_grid
+        tile, grid = kwargs["tile_size"], kwargs["max_grid"]
+        kwargs.setdefault("max_image_size", tile * min(grid, max(1, DEFAULT_MAX_IMAGE_SIDE // tile)))
+        return cls(NanoVLMImageProcessor(**kwargs), tokenizer, image_seq_len=config.image_seq_len)
 
     # ---- image strings -------------------------------------------------------------------------------------------
     def image_string(self, grid: tuple[int, int], index: int | None = None) -> str:

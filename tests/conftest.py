@@ -13,7 +13,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
-from nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, build_processor, train_tokenizer  # noqa: E402
+from nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMProcessor, train_tokenizer  # noqa: E402
 
 TOKENIZER_CORPUS = [
     "What color is the circle? red blue green yellow purple orange",
@@ -65,7 +65,7 @@ def tiny_config(tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def tiny_processor(tiny_tokenizer, tiny_config):
-    return build_processor(tiny_tokenizer, tiny_config, max_grid=TINY_MAX_GRID)
+    return NanoVLMProcessor.from_config(tiny_tokenizer, tiny_config, max_grid=TINY_MAX_GRID)
 
 
 @pytest.fixture

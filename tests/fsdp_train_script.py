@@ -4,7 +4,7 @@ Accelerate has no FSDP on CPU (train_accelerate.py refuses it there), so this do
 do with configs/accelerate/fsdp.yaml on GPUs, with the recipe's own pieces:
 - wrapping: torch's `fully_shard` on every module whose class the config lists in `fsdp_transformer_layer_cls_to_wrap`
   (the decoder and SigLIP layers), then on the whole model, as Accelerate's FSDP2 TRANSFORMER_BASED_WRAP does;
-- `apply_freezing`, `build_param_groups`, `GuardedAdamW`, `nanovlm_scheduler` (NanoVLMTrainer's optimizer), the
+- `apply_freezing`, `build_param_groups`, `GuardedAdamW`, Trainer's scheduler (NanoVLMTrainer's optimizer), the
   training arguments of the DDP test, gradient clipping at `max_grad_norm`;
 - the loss as Trainer computes it: summed over label tokens, divided by the label tokens of all processes, times
   the number of processes (FSDP averages gradients over processes, as DDP does).
@@ -28,12 +28,13 @@ import yaml
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
+from transformers import get_scheduler
 
 sys.path.insert(0, os.path.dirname(__file__))
 from training_helpers import packed_dataset, synthetic_rows, tiny_setup, training_args, without_images  # noqa: E402
 
 from nanovlm.data.collator import BOOKKEEPING_KEY, PackedCollator  # noqa: E402
-from nanovlm.training.optim import GuardedAdamW, apply_freezing, build_param_groups, nanovlm_scheduler  # noqa: E402
+from nanovlm.training.optim import GuardedAdamW, apply_freezing, build_param_groups  # noqa: E402
 
 FSDP_CONFIG = Path(__file__).resolve().parents[1] / "configs/accelerate/fsdp.yaml"
 
@@ -71,7 +72,8 @@ def main() -> None:
     wrapped = shard_like_the_config(model)
     optimizer = GuardedAdamW(build_param_groups(model.named_parameters(), lrs, args.weight_decay),
                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    scheduler = nanovlm_scheduler(optimizer, steps, args.warmup_fraction, args.min_lr_ratio)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(steps),
+                              num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
     model.train()
     losses = []
     for _ in range(steps):

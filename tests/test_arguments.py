@@ -34,6 +34,8 @@ CHANGED_DEFAULTS = {
     "logging_steps": 10,
     "learning_rate": None,
     "lr_scheduler_type": "cosine_with_min_lr",
+    "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+    "warmup_steps": 0.03,
     "bf16": None,
     "remove_unused_columns": False,
     "dataloader_num_workers": 2,
@@ -66,7 +68,7 @@ def test_field_names_do_not_collide_and_all_have_help():
     ]
     base = {f.name for f in dataclasses.fields(TrainingArguments)}
     assert len(names) == len(set(names)), "a field name appears in two argument dataclasses"
-    own = [n for n in ("lr_mp", "warmup_fraction", "min_lr_ratio", "eval_interval", "compile", "lora_r") if n in base]
+    own = [n for n in ("lr_mp", "eval_interval", "compile", "lora_r") if n in base]
     assert own == [], f"nanoVLM fields shadow TrainingArguments fields: {own}"
     for dtype in (ModelArguments, DataArguments, NanoVLMTrainingArguments):
         for f in dataclasses.fields(dtype):
@@ -97,7 +99,7 @@ def test_defaults_after_parsing(tmp_path):
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_steps) == (2, 8, 40000)
     assert (args.lr_mp, args.lr_vision_backbone, args.lr_language_backbone) == (0.00512, 5e-5, 5e-5)
     assert args.learning_rate == args.lr_mp  # mirror for code that reads it
-    assert args.warmup_steps == args.warmup_fraction == 0.03  # transformers 5: warmup_steps < 1 is a ratio
+    assert args.warmup_steps == 0.03  # transformers 5: warmup_steps < 1 is a ratio
     assert args.lr_scheduler_type == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
     assert (args.eval_steps, args.save_steps, args.lmms_eval_interval) == (500, 500, 1000)
     assert args.metric_for_best_model == "eval_loss" and args.greater_is_better is False
@@ -358,12 +360,12 @@ def test_data_arguments_validation(kwargs, message):
             {"lr_mp": 0, "lr_vision_backbone": 0, "lr_language_backbone": 0},
             r"must not all be 0 \(nothing would train\)",
         ),
-        ({"warmup_fraction": 1.0}, r"--warmup_fraction must be a number in \[0, 1\): got 1\.0"),
-        ({"min_lr_ratio": 1.5}, r"--min_lr_ratio must be a number in \[0, 1\]: got 1\.5"),
+        (
+            {"lr_scheduler_kwargs": {"min_lr_rate": 1.5}},
+            r"--lr_scheduler_kwargs min_lr_rate must be a number in \[0, 1\]: got 1\.5",
+        ),
+        ({"lr_scheduler_kwargs": '{"min_lr_rate": -1}'}, r"min_lr_rate must be a number in \[0, 1\]: got -1"),
         ({"eval_interval": 0}, r"--eval_interval must be an integer >= 1: got 0"),
-        ({"warmup_steps": 100}, r"--warmup_steps must be left unset .*: got 100; set --warmup_fraction"),
-        ({"lr_scheduler_type": "linear"}, r"--lr_scheduler_type must be cosine_with_min_lr .*: got 'linear'"),
-        ({"lr_scheduler_kwargs": {"num_cycles": 2}}, r"--lr_scheduler_kwargs must be left unset"),
         ({"lora_dropout": 1}, r"--lora_dropout must be a number in \[0, 1\): got 1"),
         ({"use_lora": True, "lora_target_modules": []}, r"--lora_target_modules must name at least one module"),
         (
@@ -391,7 +393,7 @@ def test_training_arguments_resolution(tmp_path, caplog):
     assert args.torch_compile is True
     with caplog.at_level("WARNING", logger="nanovlm.training.arguments"):
         args = NanoVLMTrainingArguments(
-            output_dir=str(tmp_path), learning_rate=1.0, warmup_fraction=0.1, min_lr_ratio=0
+            output_dir=str(tmp_path), learning_rate=1.0, warmup_steps=0.1, lr_scheduler_kwargs='{"min_lr_rate": 0}'
         )
     assert "--learning_rate=1.0 is unused" in caplog.text
     assert (
@@ -441,7 +443,7 @@ def test_every_config_yaml_loads(path, tmp_path):
         assert args.output_dir == str(tmp_path / "out")
         if relative.name == "nanovlm_460m.yaml":  # the original's optimizer: AdamW, decay 0.01 on every parameter
             assert (args.weight_decay, args.weight_decay_exempt_biases_norms_embeddings) == (0.01, False)
-            assert (args.max_grad_norm, args.warmup_fraction, args.min_lr_ratio) == (1.0, 0.03, 0.1)
+            assert (args.max_grad_norm, args.warmup_steps, args.lr_scheduler_kwargs) == (1.0, 0.03, {"min_lr_rate": 0.1})
     else:
         data = yaml.safe_load(path.read_text())
         assert isinstance(data, dict), f"{relative} is not a mapping"

@@ -1,25 +1,25 @@
-"""The run builders: the curriculum split read first, and the sin-cos start of the vision position embeddings."""
+"""The run builders: the curriculum split read first, and the sin-cos start of the vision position embeddings
+(a config option, so the demo model is rebuilt from its config)."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModel
 
+from nanovlm import NanoVLMConfig, NanoVLMForConditionalGeneration, NanoVLMProcessor
 from nanovlm.data import synthetic as syn
+from nanovlm.modeling_nanovlm import init_vision_positions_sincos, sincos_position_grid
 from nanovlm.training import parse_args
-from nanovlm.training.build import (
-    build_datasets,
-    build_model_and_processor,
-    init_vision_positions_sincos,
-    load_rows,
-    prepare_synthetic_dataset,
-    sincos_position_grid,
-)
+from nanovlm.training.build import build_datasets, build_model_and_processor, load_rows, prepare_synthetic_dataset
 from nanovlm.training.errors import UsageError
 from nanovlm.training.flops import pack_flops
+
+REPO = Path(__file__).resolve().parents[1]
 
 MODEL = [
     "--random_init", "true", "--tokenizer_train_vocab_size", "300", "--max_image_size", "32", "--max_grid", "1",
@@ -97,7 +97,54 @@ def test_sincos_grid_values_and_model_init(tmp_path):
     assert not torch.allclose(plain.model.vision_tower.embeddings.position_embedding.weight, table)
     plain.model.vision_tower.embeddings.position_embedding = torch.nn.Embedding(15, 32)
     with pytest.raises(ValueError, match=r"needs a square patch grid, got 15 positions"):
-        init_vision_positions_sincos(plain, 1.0)
+        init_vision_positions_sincos(plain.model.vision_tower, 1.0)
+
+
+def test_demo_model_from_its_config_equals_the_training_paths_model_at_init(tmp_path):
+    # the demo recipe's model, built as train_accelerate.py builds it (tokenizer trained on a few generated rows)
+    model_args, _, _ = parse_args(["--config", str(REPO / "configs/train/demo.yaml"), "--output_dir", str(tmp_path)])
+    rows = syn.generate_split(40, "train", seed=0, config=syn.SyntheticConfig(image_size=64))
+    torch.manual_seed(0)
+    trained_path, processor = build_model_and_processor(model_args, rows)
+    assert trained_path.config.vision_sincos_position_scale == 2.0  # recorded in the config
+    # the config also rebuilds the processor's tiling: one 64 px tile (--max_grid 1)
+    assert trained_path.config.max_grid == 1
+    rebuilt_processor = NanoVLMProcessor.from_config(processor.tokenizer, trained_path.config)
+    for key in ("tile_size", "max_grid", "max_image_size"):
+        assert getattr(rebuilt_processor.image_processor, key) == getattr(processor.image_processor, key), key
+    assert rebuilt_processor.image_seq_len == processor.image_seq_len == 16
+    # ... and rebuilt from its config alone, as from_config / AutoModel.from_config do
+    for build in (NanoVLMForConditionalGeneration._from_config, AutoModel.from_config):
+        torch.manual_seed(0)
+        rebuilt = build(NanoVLMConfig.from_dict(trained_path.config.to_dict()))
+        table = rebuilt.model.vision_tower.embeddings.position_embedding.weight
+        assert torch.equal(table, trained_path.model.vision_tower.embeddings.position_embedding.weight)
+        assert torch.allclose(table, 2.0 * sincos_position_grid(8, 128))
+        tower = trained_path.model.vision_tower
+        for (name, p), q in zip(rebuilt.model.vision_tower.named_parameters(), tower.parameters()):
+            assert torch.equal(p, q), name  # the same seed gives the same tower
+    # a saved and reloaded model keeps its trained table: the init does not overwrite loaded weights
+    with torch.no_grad():
+        trained_path.model.vision_tower.embeddings.position_embedding.weight.add_(1.0)
+    trained_path.save_pretrained(tmp_path / "saved")
+    loaded = NanoVLMForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    assert torch.equal(
+        loaded.model.vision_tower.embeddings.position_embedding.weight,
+        trained_path.model.vision_tower.embeddings.position_embedding.weight,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"vision_sincos_position_scale": -1.0}, r"`vision_sincos_position_scale` must be a number > 0 or None, got -1\.0"),
+        ({"vision_sincos_position_scale": "2"}, r"`vision_sincos_position_scale` must be a number > 0 or None, got '2'"),
+        ({"max_grid": 0}, r"`max_grid` must be a positive int, got 0"),
+    ],
+)
+def test_init_and_tiling_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NanoVLMConfig(**kwargs)
 
 
 def test_existing_synthetic_dataset_built_with_other_settings_is_an_error(tmp_path):

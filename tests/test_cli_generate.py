@@ -10,7 +10,7 @@ from conftest import TINY_MAX_GRID, TOKENIZER_CORPUS, make_tiny_config
 from PIL import Image
 from transformers import LlamaConfig, set_seed
 
-from nanovlm import NanoVLMForConditionalGeneration, build_processor, train_tokenizer
+from nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor, train_tokenizer
 from nanovlm.cli.generate import build_messages, main
 
 PROMPT = "What color is the circle?"
@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory):
             param.normal_(0.0, 0.3)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    processor = build_processor(tokenizer, config, max_grid=TINY_MAX_GRID)
+    processor = NanoVLMProcessor.from_config(tokenizer, config, max_grid=TINY_MAX_GRID)
     ckpt = root / "ckpt"
     model.save_pretrained(ckpt)
     processor.save_pretrained(ckpt)

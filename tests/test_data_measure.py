@@ -14,7 +14,7 @@ from conftest import TOKENIZER_CORPUS, make_tiny_config
 from PIL import Image
 
 import nanovlm.data.samples as samples_module
-from nanovlm import build_processor, train_tokenizer
+from nanovlm import NanoVLMProcessor, train_tokenizer
 from nanovlm.data.collator import PackedCollator
 from nanovlm.data.conversations import RatingThresholds
 from nanovlm.data.packing import Measured, PackedDataset
@@ -108,7 +108,7 @@ def test_measure_equals_build_on_finevision_like_rows_of_many_sizes_and_modes(ti
 def test_measure_equals_build_at_the_460m_image_settings():
     tokenizer = train_tokenizer(TOKENIZER_CORPUS, vocab_size=400, max_grid=8)
     config = make_tiny_config(tokenizer, tile=512, patch=16, shuffle=4)  # 64 tokens per 512 px tile
-    processor = build_processor(tokenizer, config, max_image_size=2048, max_grid=8)
+    processor = NanoVLMProcessor.from_config(tokenizer, config, max_image_size=2048, max_grid=8)
     builder = SampleBuilder(processor, max_sample_length=4096, max_images_per_example=4)
     rows = finevision_like(12, seed=2, max_side=2600)
     assert _assert_measures_match(builder, rows) >= 6
@@ -184,7 +184,7 @@ def test_uint8_tiles_normalised_in_the_model_give_the_float_path_loss(tiny_proce
 
 
 def test_config_records_the_processors_normalisation(tiny_tokenizer, tiny_config):
-    processor = build_processor(tiny_tokenizer, tiny_config, max_grid=4, do_normalize=False)
+    processor = NanoVLMProcessor.from_config(tiny_tokenizer, tiny_config, max_grid=4, do_normalize=False)
     config = make_tiny_config(tiny_tokenizer)
     assert (config.image_mean, config.image_std) == ([0.5] * 3, [0.5] * 3)
     record_normalization(config, processor)

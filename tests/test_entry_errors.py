@@ -50,7 +50,8 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 
 
 def test_nonfinite_stop_is_one_line_and_a_nonzero_exit(data, tmp_path):
-    lrs = ["--lr_mp", "1e30", "--lr_vision_backbone", "1e30", "--lr_language_backbone", "1e30"]
+    # no warmup: the default one's first step has LR 0, which would not blow up yet
+    lrs = ["--lr_mp", "1e30", "--lr_vision_backbone", "1e30", "--lr_language_backbone", "1e30", "--warmup_steps", "0"]
     proc = run_entry(["--output_dir", str(tmp_path), "--dataset_name_or_path", str(data), *SMALL, *lrs,
                       "--save_strategy", "no", "--max_steps", "4", "--max_consecutive_nonfinite_losses", "2"])
     assert proc.returncode == 1

@@ -13,7 +13,7 @@ from conftest import TOKENIZER_CORPUS
 from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipConfig, SiglipModel
 
-from nanovlm import NanoVLMForConditionalGeneration, build_processor, extend_tokenizer
+from nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor, extend_tokenizer
 
 REMOTE_SCRIPT = textwrap.dedent(
     """
@@ -156,7 +156,7 @@ def test_from_backbones_loads_weights_and_extends_vocab(tmp_path):
             assert model.lm_head.weight.data_ptr() != emb.data_ptr()
             assert torch.equal(model.lm_head.weight[:old_vocab], lm.lm_head.weight)
         # the result runs end to end and survives a save/load
-        proc = build_processor(tok, model.config, max_grid=4)
+        proc = NanoVLMProcessor.from_config(tok, model.config, max_grid=4)
         inputs = proc(text="<|image|>hi", images=[Image.new("RGB", (64, 64))], return_tensors="pt")
         logits = model(**inputs).logits
         model.save_pretrained(tmp_path / f"nanovlm{tie}")

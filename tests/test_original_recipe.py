@@ -4,14 +4,17 @@ the original nanoVLM's update rule, re-implemented here from its description (no
 - one `torch.optim.AdamW` over all parameters at torch's defaults (weight decay 0.01 on everything), with one
   parameter group per module: projector, vision tower, language model (lm_head included) at their own LRs;
 - before each optimizer step every group's LR is `peak * get_lr(step)`: `(step + 1) / warmup` while
-  `step < warmup` (warmup = warmup_fraction x steps), then cosine from the peak down to 10% of it;
+  `step < warmup` (warmup = warmup_fraction x steps), then cosine from the peak down to 10% of it; nanovlm uses
+  transformers' `cosine_with_min_lr`, whose warmup is `step / warmup`: one step behind (LR 0 at step 0, the peak one
+  step later, the same cosine after), the offset the README states. The reference applies the original's rule with
+  that shift during warmup (`get_lr(step - 1)`, 0 at step 0), so the comparison stays exact;
 - loss = the micro-batch's mean token loss / accumulation steps, backward per micro-batch;
 - the gradient norm of all parameters clipped to 1.0, then the step.
 
 Switched to the original's behaviour: `--weight_decay 0.01 --weight_decay_exempt_biases_norms_embeddings false
---loss_normalization micro_batch_mean`. The warmup is several steps long (the original's factor exceeds the peak
-only when the warmup is under one step, where nanovlm caps it at 1). Accumulation 2 over micro-batches with unequal
-label-token counts, where the two loss normalisations differ.
+--loss_normalization micro_batch_mean`. The warmup is a whole number of steps (3): otherwise transformers rounds it
+up and the cosine shifts too. Accumulation 2 over micro-batches with unequal label-token counts, where the two loss
+normalisations differ.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from training_helpers import make_trainer, packed_dataset, synthetic_rows, tiny_setup, training_args
 
 STEPS, ACCUMULATION, WARMUP_FRACTION = 20, 2, 0.15  # warmup: 3 steps
+WARMUP_OFFSET = 1  # nanovlm's warmup runs this many steps behind the original's (README, "Differences")
 PEAKS = {"projector": 3e-3, "vision": 1e-3, "language": 2e-3}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,6 +41,14 @@ def original_lr(step: int, peak: float, total: int = STEPS, warmup_fraction: flo
         return min_lr
     coeff = 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
     return min_lr + coeff * (peak - min_lr)
+
+
+def shifted_lr(step: int, peak: float) -> float:
+    """The original's LR with nanovlm's warmup offset: `WARMUP_OFFSET` steps late during warmup (0 before the
+    original's step 0), the same cosine after."""
+    if step >= STEPS * WARMUP_FRACTION:
+        return original_lr(step, peak)
+    return original_lr(step - WARMUP_OFFSET, peak) if step >= WARMUP_OFFSET else 0.0
 
 
 def original_training(model, micro_batches: list[dict]) -> list[float]:
@@ -60,7 +72,7 @@ def original_training(model, micro_batches: list[dict]) -> list[float]:
             (loss / ACCUMULATION).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
         for group in optimizer.param_groups:
-            group["lr"] = original_lr(step, group["peak"])
+            group["lr"] = shifted_lr(step, group["peak"])
         optimizer.step()
         optimizer.zero_grad()
     return losses
@@ -76,8 +88,8 @@ def test_original_rule_and_trainer_with_the_original_switches_give_the_same_loss
         lr_mp=PEAKS["projector"],
         lr_vision_backbone=PEAKS["vision"],
         lr_language_backbone=PEAKS["language"],
-        warmup_fraction=WARMUP_FRACTION,
-        min_lr_ratio=0.1,
+        warmup_steps=WARMUP_FRACTION,
+        lr_scheduler_kwargs={"min_lr_rate": 0.1},
         max_grad_norm=1.0,
         weight_decay=0.01,
         weight_decay_exempt_biases_norms_embeddings=False,

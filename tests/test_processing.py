@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanovlm import NanoVLMImageProcessor, NanoVLMProcessor, build_processor, extend_tokenizer, train_tokenizer
+from nanovlm import NanoVLMImageProcessor, NanoVLMProcessor, extend_tokenizer, train_tokenizer
 from nanovlm.image_processing_nanovlm import load_image, resized_size, to_rgb
 from nanovlm.tokenizer import tile_tokens
 
@@ -248,7 +248,7 @@ def test_extend_pretrained_tokenizer(tmp_path):
     assert len(tok) == base_len + 2 + 2 + 64
     assert tok.image_token == "<|image|>" and len(tok.encode("<row_8_col_8>", add_special_tokens=False)) == 1
     tok.save_pretrained(tmp_path / "ext")
-    proc = build_processor(tok, type("C", (), {"tile_size": 32, "image_seq_len": 4})(), max_grid=4)
+    proc = NanoVLMProcessor.from_config(tok, type("C", (), {"tile_size": 32, "image_seq_len": 4})(), max_grid=4)
     out = proc.apply_chat_template(
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
         tokenize=True, return_dict=True, return_assistant_tokens_mask=True,

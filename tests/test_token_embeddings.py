@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import make_tiny_config
 from training_helpers import TINY_CORPUS, make_trainer, packed_dataset, synthetic_rows, training_args
 
-from nanovlm import NanoVLMForConditionalGeneration, build_processor, train_tokenizer
+from nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor, train_tokenizer
 from nanovlm.data import PackedCollator
 
 
@@ -96,14 +96,14 @@ def test_every_token_read_in_training_gets_an_input_embedding_gradient(tmp_path,
     tokenizer = smollm2_like_tokenizer()
     model, config = model_with_text_pad_id(tokenizer, tied=tied)
     assert model.config.tie_word_embeddings is tied
-    processor = build_processor(tokenizer, config, max_grid=2)
+    processor = NanoVLMProcessor.from_config(tokenizer, config, max_grid=2)
     embedding = model.get_input_embeddings()
     before = embedding.weight.detach().clone()
     probe = lookup_gradient_probe(embedding)
 
     trainer = make_trainer(
-        model, processor, training_args(tmp_path, max_steps=1), packed_dataset(synthetic_rows(24), processor)
-    )
+        model, processor, training_args(tmp_path, max_steps=1, warmup_steps=0), packed_dataset(synthetic_rows(24), processor)
+    )  # no warmup: the default one's first step has LR 0 and would move no weight
     trainer.data_collator = collator = RecordingCollator(tokenizer.pad_token_id)
     trainer.train()
 

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from transformers.integrations.integration_utils import rewrite_logs
 
 from nanovlm.training.errors import NonFiniteLossError
-from nanovlm.training.optim import nanovlm_lr_factor, part_of
+from nanovlm.training.optim import part_of
 from nanovlm.training.trainer import last_complete_checkpoint
 
 
@@ -48,14 +48,38 @@ class GradCapture(TrainerCallback):
         self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
-def test_nanovlm_schedule_formula():
-    # warmup over 3% of 100 steps = 3 steps: 1/3, 2/3, 3/3; then cosine to 10%
-    assert [nanovlm_lr_factor(s, 100) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert nanovlm_lr_factor(3, 100) == pytest.approx(1.0)
-    assert nanovlm_lr_factor(100, 100) == pytest.approx(0.1)
-    assert nanovlm_lr_factor(150, 100) == pytest.approx(0.1)
-    mid = 3 + (100 - 3) / 2
-    assert nanovlm_lr_factor(mid, 100) == pytest.approx(0.55)
+def nanovlm_get_lr(step: int, total: int, warmup_fraction: float = 0.03, min_ratio: float = 0.1) -> float:
+    """The original nanoVLM's `get_lr(step) / max_lr`."""
+    warmup = total * warmup_fraction
+    if step < warmup:
+        return (step + 1) / warmup
+    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup))) * (1.0 - min_ratio)
+
+
+def lr_factor(step: int, total: int) -> float:
+    """The default schedule (transformers' cosine_with_min_lr, warmup 3% of the steps rounded up, min_lr_rate 0.1)."""
+    warmup = math.ceil(0.03 * total)
+    if step < warmup:
+        return step / warmup
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def test_default_schedule_is_nanovlms_one_step_late(tmp_path):
+    model, processor = tiny_setup()
+    trainer = make_trainer(model, processor, training_args(tmp_path, max_steps=100), [])
+    trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    factors = [trainer.lr_scheduler.lr_lambdas[0](s) for s in range(101)]
+    # warmup over 3% of 100 steps = 3 steps: 0, 1/3, 2/3, then the peak one step after nanoVLM reaches it
+    assert factors[:5] == pytest.approx([0, 1 / 3, 2 / 3, 1.0, nanovlm_get_lr(4, 100)])
+    assert factors[1:4] == pytest.approx([nanovlm_get_lr(s, 100) for s in range(3)])  # the one-step offset
+    assert factors[3:] == pytest.approx([nanovlm_get_lr(s, 100) for s in range(3, 101)])  # then the same cosine
+    assert factors == pytest.approx([lr_factor(s, 100) for s in range(101)])
+    assert factors[100] == pytest.approx(0.1) and factors[3 + 97 // 2] == pytest.approx(0.55, abs=0.01)
+    # every group scales from its own peak
+    trainer.optimizer.step()  # no gradients: moves nothing, keeps torch's step order
+    trainer.lr_scheduler.step()
+    for group in trainer.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(group["initial_lr"] / 3)
 
 
 def test_group_lrs_follow_the_schedule_and_all_trainable_params_change(rows, tmp_path):
@@ -73,11 +97,11 @@ def test_group_lrs_follow_the_schedule_and_all_trainable_params_change(rows, tmp
     trainer.add_callback(LrRecorder())
     trainer.train()
     peaks = {"projector": 3e-3, "vision": 1e-3, "language": 2e-3}
-    warmup_end = 0  # 3% of 40 = 1.2 steps: step 1 (index 1) is the first full-LR step
-    for step in (warmup_end, 1, total // 2, total - 1):
+    # 3% of 40 = 1.2 steps, rounded up to 2: step 1 at half the peak, step 2 the first full-LR step
+    for step in (0, 1, 2, total // 2, total - 1):
         for name, lr in lrs[step].items():
             part = name.replace("_no_decay", "")
-            assert lr == pytest.approx(peaks[part] * nanovlm_lr_factor(step, total)), (step, name)
+            assert lr == pytest.approx(peaks[part] * lr_factor(step, total)), (step, name)
     logged = [e for e in trainer.state.log_history if "lr/projector" in e]
     assert {"lr/projector", "lr/vision", "lr/language", "lr/vision_no_decay"} <= set(logged[0])
     for name, p in model.named_parameters():
@@ -212,7 +236,7 @@ def test_nonfinite_loss_steps_are_skipped_then_training_stops(rows, tmp_path):
     assert [math.isnan(e["loss"]) for e in logs] == [False, False, True, False, True, True]
     skipped = [next(v for k, v in e.items() if k.endswith("nonfinite_steps_skipped")) for e in logs]
     assert skipped == [0, 0, 1, 1, 2, 3]
-    assert [e["lr/projector"] for e in logs] == pytest.approx([1e-3 * nanovlm_lr_factor(s, 8) for s in range(6)])
+    assert [e["lr/projector"] for e in logs] == pytest.approx([1e-3 * lr_factor(s, 8) for s in range(6)])
 
 
 def test_zero_max_consecutive_nonfinite_losses_never_stops(rows, tmp_path):

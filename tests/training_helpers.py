@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from nanovlm import NanoVLMForConditionalGeneration, build_processor, train_tokenizer
+from nanovlm import NanoVLMForConditionalGeneration, NanoVLMProcessor, train_tokenizer
 from nanovlm.data import PackedCollator, PackedDataset, SampleBuilder, SampleDataset, shard_for_rank
 from nanovlm.data.synthetic import SyntheticConfig, generate_split
 from nanovlm.training.arguments import NanoVLMTrainingArguments
@@ -55,7 +55,7 @@ def tiny_setup(seed: int = 0):
     config = make_tiny_config(tokenizer)
     torch.manual_seed(seed)
     model = NanoVLMForConditionalGeneration(config)
-    return model, build_processor(tokenizer, config, max_grid=2)
+    return model, NanoVLMProcessor.from_config(tokenizer, config, max_grid=2)
 
 
 def synthetic_rows(n: int, seed: int = 0):

@@ -1,4 +1,8 @@
-"""Data pipeline: FineVision-schema rows -> samples -> packs -> batches (see DESIGN.md, "One sample's way")."""
+"""Data pipeline: FineVision-schema rows -> samples -> packs -> batches.
+
+`sources` loads rows (local or streamed, sharded per rank), `conversations` turns a row into chat messages,
+`samples` measures and builds training samples, `packing` groups them into packs, `collator` makes batches;
+`synthetic` generates the embedded demo dataset."""
 
 from .collator import PackedCollator
 from .conversations import RatingThresholds

@@ -179,7 +179,7 @@ class SampleBuilder:
                 raise ValueError(f"{name} must be a positive int or None (no limit), got {value!r}.")
         if not hasattr(processor, "apply_chat_template") or not hasattr(processor, "image_token"):
             raise TypeError(
-                f"processor must be a NanoVLMProcessor (see nanovlm.build_processor), got {type(processor).__name__}."
+                f"processor must be a NanoVLMProcessor (see NanoVLMProcessor.from_config), got {type(processor).__name__}."
             )
         self.processor = processor
         self.thresholds = thresholds if thresholds is not None else RatingThresholds()

@@ -1,4 +1,12 @@
-"""Training: the recipe's arguments (three dataclasses) and the YAML + CLI parser that fills them."""
+"""Training: the recipe from arguments to a trained checkpoint.
+
+- `arguments`, `parser`: the three argument dataclasses and the YAML + CLI parser that fills them (exported here);
+- `build`: tokenizer, processor, model and packed datasets from the arguments (what `train_accelerate.py` wires);
+- `trainer`: `NanoVLMTrainer`, with `optim` (per-module parameter groups, freezing, the non-finite-loss guard) and
+  `flops` (the MFU estimate);
+- `callbacks` (asynchronous lmms-eval of saved checkpoints), `lora` (PEFT adapters on the decoder and merging),
+  `plots` (loss and LR curves), `errors` (the errors the entry point reports as one line).
+"""
 
 from .arguments import ArgumentsError, DataArguments, ModelArguments, NanoVLMTrainingArguments, run_name
 from .parser import NanoVLMArgumentParser, parse_args

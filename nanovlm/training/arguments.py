@@ -4,7 +4,7 @@
   how images become tiles.
 - `DataArguments`: where the data comes from, how it is filtered (FineVision's per-turn ratings) and packed.
 - `NanoVLMTrainingArguments`: `transformers.TrainingArguments` plus nanoVLM's knobs (one learning rate per module,
-  its warmup + cosine schedule, evaluation cadence, LoRA), with nanoVLM's defaults where they differ.
+  evaluation cadence, LoRA), with nanoVLM's defaults where they differ (its warmup + cosine schedule among them).
 
 Every dataclass validates in `__post_init__`, collects all problems and raises one `ArgumentsError` (a `ValueError`)
 listing each as `--flag must ...: got X`, so a bad YAML recipe fails at once with everything to fix.
@@ -12,7 +12,6 @@ listing each as `--flag must ...: got X`, so a bad YAML recipe fails at once wit
 `run_name` builds nanoVLM's descriptive run name (backbones, devices, global batch, steps, learning rates, date).
 """
 
-import dataclasses
 import json
 import logging
 import math
@@ -226,7 +225,8 @@ class ModelArguments:
         metadata={
             "help": "With --random_init: start the vision tower's learned position embeddings from a 2-D sin-cos "
             "grid (as MAE does) times this scale instead of random noise. A tower trained from scratch then tells "
-            "its patches' positions apart from the first step; the demo uses 2.0. None keeps the random init."
+            "its patches' positions apart from the first step; the demo uses 2.0. None keeps the random init. Recorded "
+            "in the model config (vision_sincos_position_scale)."
         },
     )
     tokenizer_train_vocab_size: int | None = field(
@@ -575,12 +575,6 @@ class NanoVLMTrainingArguments(TrainingArguments):
 
     - `lr_mp`, `lr_vision_backbone`, `lr_language_backbone`: one learning rate per module (projector, vision tower,
       language model); 0 freezes that module. They replace `learning_rate`.
-    - `warmup_fraction`, `min_lr_ratio`: nanoVLM's schedule, linear warmup over `warmup_fraction` of the steps, then
-      cosine decay to `min_lr_ratio` x each group's learning rate (`NanoVLMTrainer.create_scheduler`). The stock
-      fields mirror it, so logs and a plain `Trainer` agree: `lr_scheduler_type="cosine_with_min_lr"`,
-      `lr_scheduler_kwargs={"min_lr_rate": min_lr_ratio}`, `warmup_steps=warmup_fraction` (in transformers 5,
-      `warmup_steps` < 1 is a ratio). Another scheduler, extra scheduler kwargs or a warmup of >= 1 steps are errors
-      naming the nanoVLM knob; another ratio or `min_lr_rate` is overwritten with a warning.
     - `weight_decay_exempt_biases_norms_embeddings`: True (the default) keeps `weight_decay` off biases, norms and
       embeddings; False decays every parameter, as the original nanoVLM's AdamW (torch's default 0.01) does.
     - `loss_normalization`: "global_tokens" (the default) divides the summed token losses by the label tokens of
@@ -598,8 +592,10 @@ class NanoVLMTrainingArguments(TrainingArguments):
     - `max_steps`: 40000 instead of -1; `logging_steps`: 10 instead of 500.
     - `learning_rate`: None instead of 5e-5. It is unused (the three learning rates above replace it); after init it
       mirrors `lr_mp` for code that reads it. Another value is overwritten with a warning.
-    - `lr_scheduler_type`: "cosine_with_min_lr" instead of "linear"; `lr_scheduler_kwargs`: `{"min_lr_rate":
-      min_lr_ratio}` instead of None; `warmup_steps`: `warmup_fraction` instead of 0 (mirrors, see above).
+    - nanoVLM's schedule, applied to every parameter group from its own peak LR (a `LambdaLR`): `lr_scheduler_type`
+      "cosine_with_min_lr" instead of "linear", `lr_scheduler_kwargs` `{"min_lr_rate": 0.1}` instead of None (the
+      cosine ends at 10% of each peak) and `warmup_steps` 0.03 instead of 0 (in transformers 5, `warmup_steps` < 1
+      is a ratio of the total steps). Its warmup runs one step behind nanoVLM's (README, "Differences").
     - `bf16`: None instead of False, resolved before `TrainingArguments.__post_init__`: True when a bf16-capable CUDA
       GPU is present and neither `use_cpu` nor `fp16` is set, else False.
     - `remove_unused_columns`: False instead of True (the collator needs every column).
@@ -624,17 +620,6 @@ class NanoVLMTrainingArguments(TrainingArguments):
     )
     lr_language_backbone: float = field(
         default=5e-5, metadata={"help": "Learning rate of the language model (and lm_head); 0 freezes it."}
-    )
-    warmup_fraction: float = field(
-        default=0.03,
-        metadata={
-            "help": "Linear warmup over this fraction of the training steps (0 for none), then cosine decay to "
-            "--min_lr_ratio."
-        },
-    )
-    min_lr_ratio: float = field(
-        default=0.1,
-        metadata={"help": "The cosine decays to this fraction of each group's learning rate (nanoVLM: 0.1)."},
     )
     weight_decay_exempt_biases_norms_embeddings: bool = field(
         default=True,
@@ -739,13 +724,15 @@ class NanoVLMTrainingArguments(TrainingArguments):
     )
     lr_scheduler_type: SchedulerType | str = field(
         default="cosine_with_min_lr",
-        metadata={
-            "help": "Mirrors nanoVLM's schedule (cosine_with_min_lr); tune --warmup_fraction and --min_lr_ratio."
-        },
+        metadata={"help": "Schedule of every group's LR; nanoVLM's: linear warmup, then cosine to min_lr_rate."},
+    )
+    lr_scheduler_kwargs: dict | str | None = field(
+        default_factory=lambda: {"min_lr_rate": 0.1},
+        metadata={"help": "Scheduler options (JSON object); min_lr_rate: the cosine's end, a fraction of each peak."},
     )
     warmup_steps: float = field(
-        default=0,
-        metadata={"help": "Mirrors --warmup_fraction (< 1 is a ratio of the total steps); set that instead."},
+        default=0.03,
+        metadata={"help": "Linear warmup: a step count, or below 1 a fraction of the total steps (nanoVLM: 0.03)."},
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
     bf16: bool | None = field(
@@ -805,8 +792,11 @@ class NanoVLMTrainingArguments(TrainingArguments):
                 "--lr_mp, --lr_vision_backbone and --lr_language_backbone must not all be 0 (nothing would train): "
                 "got 0, 0, 0"
             )
-        _check_range(errors, "warmup_fraction", self.warmup_fraction, 0, 1, high_inclusive=False)
-        _check_range(errors, "min_lr_ratio", self.min_lr_ratio, 0, 1)
+        kwargs = self.lr_scheduler_kwargs
+        if isinstance(kwargs, str) and kwargs.startswith("{"):
+            kwargs = json.loads(kwargs)
+        if isinstance(kwargs, dict) and "min_lr_rate" in kwargs:  # transformers accepts any value
+            _check_range(errors, "lr_scheduler_kwargs min_lr_rate", kwargs["min_lr_rate"], 0, 1)
         exempt = self.weight_decay_exempt_biases_norms_embeddings
         _check_bool(errors, "weight_decay_exempt_biases_norms_embeddings", exempt)
         if exempt is False and self.weight_decay == 0:
@@ -816,7 +806,6 @@ class NanoVLMTrainingArguments(TrainingArguments):
             )
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
             errors.append(f"--loss_normalization must be one of {LOSS_NORMALIZATIONS}: got {self.loss_normalization!r}")
-        errors += self._check_schedule_mirrors()
         _check_int(errors, "eval_interval", self.eval_interval, 1)
         _check_int(errors, "eval_max_batches", self.eval_max_batches, 1, optional=True)
         self.lmms_eval_tasks = _as_str_list(errors, "lmms_eval_tasks", self.lmms_eval_tasks)
@@ -849,34 +838,6 @@ class NanoVLMTrainingArguments(TrainingArguments):
             errors.append(f"--bf16 must be true, false or None (auto): got {self.bf16!r}")
         return errors
 
-    def _check_schedule_mirrors(self) -> list[str]:
-        """Reject stock schedule settings that NanoVLMTrainer would ignore. Values that may be earlier mirrors (a
-        fractional `warmup_steps`, a `min_lr_rate`, as `dataclasses.replace` passes them back) are re-mirrored in
-        `_resolve_defaults` with a warning instead."""
-        errors: list[str] = []
-        if _is_number(self.warmup_steps) and self.warmup_steps >= 1:
-            errors.append(
-                f"--warmup_steps must be left unset (NanoVLMTrainer warms up over --warmup_fraction of the steps): "
-                f"got {self.warmup_steps!r}; set --warmup_fraction instead (e.g. 0.03)"
-            )
-        if self.lr_scheduler_type != "cosine_with_min_lr":
-            errors.append(
-                f"--lr_scheduler_type must be cosine_with_min_lr (NanoVLMTrainer uses nanoVLM's warmup + cosine "
-                f"schedule): got {str(self.lr_scheduler_type)!r}; tune --warmup_fraction and --min_lr_ratio instead"
-            )
-        kwargs = self.lr_scheduler_kwargs
-        if isinstance(kwargs, str) and kwargs.startswith("{"):
-            try:
-                kwargs = json.loads(kwargs)
-            except json.JSONDecodeError:
-                pass
-        if kwargs is not None and (not isinstance(kwargs, dict) or set(kwargs) - {"min_lr_rate"}):
-            errors.append(
-                f"--lr_scheduler_kwargs must be left unset (the schedule's floor is --min_lr_ratio): got {kwargs!r}; "
-                "set --min_lr_ratio instead"
-            )
-        return errors
-
     def _use_cpu_for_several_processes_without_gpu(self) -> None:
         """Under torchrun / `accelerate launch` with several processes and no GPU, Trainer joins them into one DDP
         job on gloo only with `use_cpu`; without it every process trains alone on all the data, into one output
@@ -893,19 +854,10 @@ class NanoVLMTrainingArguments(TrainingArguments):
 
     def _resolve_defaults(self) -> None:
         """Map nanoVLM's knobs onto TrainingArguments' fields before `TrainingArguments.__post_init__` sees them."""
-        if isinstance(self.lr_scheduler_kwargs, str):  # a JSON object from the CLI, checked in _check_schedule_mirrors
-            self.lr_scheduler_kwargs = json.loads(self.lr_scheduler_kwargs)
-        mirrors = {
-            "learning_rate": ("lr_mp", self.learning_rate, self.lr_mp, None),
-            "warmup_steps": ("warmup_fraction", self.warmup_steps, self.warmup_fraction, 0),
-            "lr_scheduler_kwargs": ("min_lr_ratio", self.lr_scheduler_kwargs, {"min_lr_rate": self.min_lr_ratio}, None),
-        }
-        for name, (knob, given, mirror, unset) in mirrors.items():
-            if given not in (unset, mirror):
-                logger.warning(
-                    "--%s=%r is unused: NanoVLMTrainer follows --%s; setting it to %r", name, given, knob, mirror
-                )
-            setattr(self, name, mirror)
+        if self.learning_rate not in (None, self.lr_mp):
+            logger.warning("--learning_rate=%r is unused: NanoVLMTrainer follows --lr_mp; setting it to %r",
+                           self.learning_rate, self.lr_mp)
+        self.learning_rate = self.lr_mp  # for code that reads it
         self._use_cpu_for_several_processes_without_gpu()
         if self.bf16 is None:
             self.bf16 = bool(not self.use_cpu and not self.fp16 and _bf16_supported())
@@ -982,16 +934,10 @@ def run_name(
     return "_".join(parts)
 
 
-def field_names(*dataclass_types: type) -> list[str]:
-    """Init field names of the given dataclasses, in order (the keys a YAML recipe may use)."""
-    return [f.name for dtype in dataclass_types for f in dataclasses.fields(dtype) if f.init]
-
-
 __all__ = [
     "ArgumentsError",
     "DataArguments",
     "ModelArguments",
     "NanoVLMTrainingArguments",
-    "field_names",
     "run_name",
 ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import glob
 import logging
-import math
 import os
 import re
 from collections.abc import Iterator
@@ -162,52 +161,15 @@ def iter_texts(rows, limit: int = 20000) -> Iterator[str]:
 
 
 def build_processor_for(config: NanoVLMConfig, tokenizer, model_args) -> NanoVLMProcessor:
-    """A processor matching `config` with the image settings of `model_args`."""
-    from .. import build_processor
-
+    """A processor matching `config` with the image settings of `model_args` (whose `--max_grid` built the
+    tokenizer)."""
     normalization = {
         key: value for key in ("image_mean", "image_std") if (value := getattr(model_args, key)) is not None
     }
-    return build_processor(
+    return NanoVLMProcessor.from_config(
         tokenizer, config, max_image_size=model_args.max_image_size, max_grid=model_args.max_grid,
         upscale=model_args.upscale_images, do_normalize=model_args.normalize_images, **normalization,
     )
-
-
-def sincos_position_grid(side: int, dim: int, temperature: float = 100.0) -> torch.Tensor:
-    """(side * side, dim) 2-D sin-cos position codes of a row-major patch grid, as MAE's: the first half of the
-    channels encode the column, the second half the row, each as sin and cos of `dim / 4` frequencies from 1 down to
-    1 / temperature. Every row has norm sqrt(dim / 2). Hand-written: transformers has no helper for a learned
-    `nn.Embedding` table (SigLIP's) and timm is not a dependency."""
-    if side < 1 or dim < 4 or dim % 4:
-        raise ValueError(f"need side >= 1 and dim a positive multiple of 4, got side={side}, dim={dim}")
-    quarter = dim // 4
-    omega = temperature ** -(torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-
-    def encode(coordinate: torch.Tensor) -> torch.Tensor:
-        angles = coordinate.flatten().to(torch.float64)[:, None] * omega[None]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(cols), encode(rows)], dim=1).float()
-
-
-def init_vision_positions_sincos(model: NanoVLMForConditionalGeneration, scale: float) -> None:
-    """Overwrite the vision tower's learned position embeddings with `scale` x a 2-D sin-cos grid (they stay
-    trainable). Raises for a tower without a square `position_embedding` table."""
-    embeddings = getattr(model.model.vision_tower, "embeddings", None)
-    table = getattr(embeddings, "position_embedding", None)
-    if not isinstance(table, torch.nn.Embedding):
-        raise ValueError(
-            f"--vision_sincos_position_scale needs a vision tower with a learned position_embedding table (SigLIP's); "
-            f"{type(model.model.vision_tower).__name__} has none."
-        )
-    count, dim = table.weight.shape
-    side = math.isqrt(count)
-    if side * side != count:
-        raise ValueError(f"--vision_sincos_position_scale needs a square patch grid, got {count} positions.")
-    with torch.no_grad():
-        table.weight.copy_(scale * sincos_position_grid(side, dim))
 
 
 def build_model_and_processor(model_args, train_rows=None):
@@ -218,6 +180,7 @@ def build_model_and_processor(model_args, train_rows=None):
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
         if not isinstance(processor, NanoVLMProcessor):
             raise TypeError(f"{model_args.model_name_or_path} holds a {type(processor).__name__}, not a NanoVLMProcessor.")
+        model.config.max_grid = processor.image_processor.max_grid  # checkpoints saved before the field say 8
         record_normalization(model.config, processor)
         return model, processor
 
@@ -232,6 +195,8 @@ def build_model_and_processor(model_args, train_rows=None):
 
     if model_args.random_init:
         cfg = dict(model_args.model_config or {})
+        if model_args.vision_sincos_position_scale is not None:  # applied by the model's `_init_weights`
+            cfg["vision_sincos_position_scale"] = model_args.vision_sincos_position_scale
         text = dict(cfg.pop("text_config", {}) or {})
         text.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         config = NanoVLMConfig(
@@ -242,13 +207,12 @@ def build_model_and_processor(model_args, train_rows=None):
         )
         model = NanoVLMForConditionalGeneration._from_config(config, **kw)
         model.resize_for_tokenizer(tokenizer)
-        if model_args.vision_sincos_position_scale is not None:
-            init_vision_positions_sincos(model, model_args.vision_sincos_position_scale)
     else:
         model = NanoVLMForConditionalGeneration.from_backbones(
             model_args.vision_model, model_args.text_model, tokenizer=tokenizer,
             pixel_shuffle_factor=model_args.pixel_shuffle_factor, **kw,
         )
+    model.config.max_grid = model_args.max_grid  # the grid the tokenizer was built for
     processor = build_processor_for(model.config, tokenizer, model_args)
     record_normalization(model.config, processor)
     return model, processor
@@ -408,4 +372,4 @@ def configure_reporting(model_args, data_args, training_args) -> None:
                         training_args.output_dir)
 
 
-__all__ = ["check_fsdp_device", "data_position_settings", "check_sample_fits", "smallest_image_sample_length", "init_vision_positions_sincos", "sincos_position_grid", "configure_reporting", "prepare_synthetic_dataset", "load_rows", "build_model_and_processor", "build_datasets", "build_processor_for", "iter_texts"]
+__all__ = ["check_fsdp_device", "data_position_settings", "check_sample_fits", "smallest_image_sample_length", "configure_reporting", "prepare_synthetic_dataset", "load_rows", "build_model_and_processor", "build_datasets", "build_processor_for", "iter_texts"]

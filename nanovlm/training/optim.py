@@ -1,14 +1,13 @@
-"""Per-module parameter groups, freezing, nanoVLM's LR schedule, and a non-finite-loss guard on the optimizer.
+"""Per-module parameter groups, freezing, and a non-finite-loss guard on the optimizer.
 
 Written here rather than taken from transformers because Trainer builds one LR for all parameters
-(`learning_rate`) and its schedulers decay to 0, while nanoVLM trains the projector, the vision tower and the
-language model at their own LRs, each warming up over 3% of the steps and decaying by cosine to 10% of its own peak.
+(`learning_rate`), while nanoVLM trains the projector, the vision tower and the language model at their own LRs.
+The schedule is Trainer's own (`cosine_with_min_lr`, a LambdaLR): it scales every group from that group's peak.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -74,30 +73,6 @@ def build_param_groups(
         )
         group["params"].append(param)
     return list(groups.values())
-
-
-def nanovlm_lr_factor(step: int, total_steps: int, warmup_fraction: float = 0.03, min_lr_ratio: float = 0.1) -> float:
-    """nanoVLM's `get_lr(it, max_lr, max_steps) / max_lr`: linear warmup over `warmup_fraction` of the steps
-    (reaching the peak at the end of warmup), then cosine from the peak to `min_lr_ratio` of it."""
-    warmup = total_steps * warmup_fraction
-    if step < warmup:
-        # nanoVLM returns (step + 1) / warmup, which exceeds the peak when the warmup is shorter than one step
-        # (fewer than 34 steps at 3%): capped at the peak here.
-        return min(1.0, (step + 1) / warmup)
-    if step > total_steps:
-        return min_lr_ratio
-    decay_ratio = (step - warmup) / max(total_steps - warmup, 1e-12)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
-    return min_lr_ratio + coeff * (1.0 - min_lr_ratio)
-
-
-def nanovlm_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float, min_lr_ratio: float
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The same factor for every group, so each group follows the schedule relative to its own peak LR."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: nanovlm_lr_factor(step, total_steps, warmup_fraction, min_lr_ratio)
-    )
 
 
 class NonFiniteGuard:
@@ -174,8 +149,6 @@ class GuardedAdamW(torch.optim.AdamW):
 __all__ = [
     "apply_freezing",
     "build_param_groups",
-    "nanovlm_lr_factor",
-    "nanovlm_scheduler",
     "part_of",
     "NonFiniteGuard",
     "GuardedAdamW",

@@ -197,20 +197,28 @@ class NanoVLMArgumentParser(HfArgumentParser):
             where = f"set output_dir in {config} or " if config else ""
             raise ValueError(f"--output_dir is required: {where}pass --output_dir DIR")
 
-        errors = self._resolve_evaluation(values, explicit=set(from_yaml) | self._flags_given(argv))
-        outputs = []
-        for dtype in DATACLASS_TYPES:
-            keys = {f.name for f in dataclasses.fields(dtype) if f.init}
-            try:
-                outputs.append(dtype(**{k: v for k, v in values.items() if k in keys}))
-            except ArgumentsError as exc:
-                errors += exc.errors
-            except ValueError as exc:  # TrainingArguments' own checks
-                errors.append(str(exc))
+        errors: list[str] = []
+        model_args = self._build(ModelArguments, values, errors)
+        data_args = self._build(DataArguments, values, errors)
+        if data_args is not None:  # the training arguments' evaluation settings follow the data's validation split
+            explicit = set(from_yaml) | self._flags_given(argv)
+            errors += self._resolve_evaluation(values, explicit, data_args.has_validation)
+        training_args = self._build(NanoVLMTrainingArguments, values, errors)
         if errors:
             raise ArgumentsError(errors)
-        model_args, data_args, training_args = outputs
         return model_args, data_args, training_args
+
+    @staticmethod
+    def _build(dtype: type, values: dict[str, Any], errors: list[str]) -> Any:
+        """`dtype` from its fields in `values`, or None with its problems added to `errors`."""
+        keys = {f.name for f in dataclasses.fields(dtype) if f.init}
+        try:
+            return dtype(**{k: v for k, v in values.items() if k in keys})
+        except ArgumentsError as exc:
+            errors += exc.errors
+        except ValueError as exc:  # TrainingArguments' own checks
+            errors.append(str(exc))
+        return None
 
     def _unsets_none(self, name: str) -> bool:
         """Whether `null` / `none` unsets field `name` (an optional field where "none" is not a value of its own)."""
@@ -239,11 +247,10 @@ class NanoVLMArgumentParser(HfArgumentParser):
         return {self._option_string_actions[f].dest for f in flags if f in self._option_string_actions}
 
     @staticmethod
-    def _resolve_evaluation(values: dict[str, Any], explicit: set[str]) -> list[str]:
+    def _resolve_evaluation(values: dict[str, Any], explicit: set[str], has_validation: bool) -> list[str]:
         """Without validation data (`--val_size 0`, no `--eval_split`) the default `eval_strategy="steps"` becomes
         "no" (Trainer refuses to evaluate without an eval dataset); an explicit one is an error naming the fix."""
-        val_size, eval_split = values.get("val_size"), values.get("eval_split")
-        if eval_split is not None or not isinstance(val_size, int) or val_size > 0:
+        if has_validation:
             if "load_best_model_at_end" not in explicit:
                 values["load_best_model_at_end"] = True  # track the best checkpoint by eval_loss, save it at the end
             return []

@@ -1,10 +1,10 @@
 """NanoVLMTrainer: transformers.Trainer with nanoVLM's optimizer recipe, packed batches and exact resume.
 
 What it overrides, and why (everything else is Trainer's):
-- `create_optimizer` / `create_scheduler`: AdamW groups per part (projector, vision, language) at their own LRs,
-  no weight decay on biases/norms/embeddings (unless --weight_decay_exempt_biases_norms_embeddings false), frozen
-  parts (LR 0) left out; nanoVLM's warmup + cosine-to-10% per group. Trainer has a single LR and schedules that
-  decay to 0.
+- `create_optimizer`: AdamW groups per part (projector, vision, language) at their own LRs (Trainer has a single
+  LR), no weight decay on biases/norms/embeddings (unless --weight_decay_exempt_biases_norms_embeddings false),
+  frozen parts (LR 0) left out. Trainer's own scheduler (`cosine_with_min_lr` by default) then scales every group
+  from its own peak.
 - `_prepare_inputs`: pops the collator's bookkeeping (stats, data state, skip counts: not model inputs), the one
   place it is taken off a batch; `training_step` records it (evaluation batches are not counted).
 - `training_step`: times data wait and
@@ -45,7 +45,7 @@ from ..data.samples import IGNORE_INDEX
 from ..model_card_nanovlm import save_training_info, write_model_card
 from .errors import UsageError
 from .flops import estimate_flops, peak_flops
-from .optim import GuardedAdamW, NonFiniteGuard, apply_freezing, build_param_groups, nanovlm_scheduler
+from .optim import GuardedAdamW, NonFiniteGuard, apply_freezing, build_param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -161,14 +161,6 @@ class NanoVLMTrainer(Trainer):
             )
             self.optimizer.guard = self.nonfinite_guard
         return self.optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        if self.lr_scheduler is None:
-            self.lr_scheduler = nanovlm_scheduler(
-                optimizer or self.optimizer, num_training_steps, self.args.warmup_fraction, self.args.min_lr_ratio
-            )
-            self._created_lr_scheduler = True
-        return self.lr_scheduler
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
