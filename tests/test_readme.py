@@ -617,12 +617,16 @@ def test_examples_match_their_rows(scratch: Path):
     pair = next(i for i, r in enumerate(rows) if len(r["images"]) == 2)
     usage = next(s.text for s in STEPS if runner_for(s) is step_usage)
     question, answer = rows[color]["texts"][0]["user"], rows[color]["texts"][0]["assistant"]
-    assert f'["test"][{color}]' in usage and f'"text": "{question}"' in usage and f"# -> {answer}\n" in usage, (
+    assert f'["test"][{color}]' in usage and f'"text": "{question}"' in usage and f"# -> {answer}  (" in usage, (
         color, question, answer)
     cli = [s for s in STEPS if s.section == "Command line" and "nanovlm-generate" in s.text]
     saved = next(s.text for s in STEPS if "save('example.png')" in s.text)
     assert f"t[{color}]['images'][0].save('example.png')" in saved
     assert f"t[{pair}]['images'][0].save('first.png')" in saved and f"t[{pair}]['images'][1].save('second.png')" in saved
-    assert f'--prompt "{question}"' in cli[0].text and cli[0].results == [answer], (cli[0], question, answer)
+    single = [s for s in cli if "--image example.png" in s.text]
+    pairs = [s for s in cli if "--image first.png --image second.png" in s.text]
+    assert len(single) == 2 and len(pairs) == 1, [s.text for s in cli]  # greedy and sampled; the pair
+    for step in single:
+        assert f'--prompt "{question}"' in step.text and step.results == [answer], (step, question, answer)
     pair_question, pair_answer = rows[pair]["texts"][0]["user"], rows[pair]["texts"][0]["assistant"]
-    assert f'--prompt "{pair_question}"' in cli[1].text and cli[1].results == [pair_answer], (cli[1], pair_question)
+    assert f'--prompt "{pair_question}"' in pairs[0].text and pairs[0].results == [pair_answer], (pairs[0], pair_question)
