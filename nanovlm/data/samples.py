@@ -66,6 +66,7 @@ from .packing import Measured
 from .sources import SHARD_ERROR_COLUMN, stream_rows
 
 logger = logging.getLogger(__name__)
+_UNREADABLE = object()  # SampleDataset._read_counted: the row could not be read
 
 IGNORE_INDEX = -100
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
@@ -316,15 +317,7 @@ class SampleBuilder:
 
     def _header_size(self, image: Any, k: int) -> tuple[int, int]:
         """(width, height) of one image of the row from its header, or SkipSample like `_decode`."""
-        if image is None:
-            raise SkipSample("bad_image", f"image {k} is None")
-        try:
-            return image_size(image, self.max_image_pixels)
-        except ValueError as err:
-            reason = "image_too_large" if isinstance(err, ImageTooLargeError) else "bad_image"
-            raise SkipSample(reason, f"image {k}: {err}") from err
-        except Exception as err:  # PIL plugins raise more than OSError on hostile files
-            raise SkipSample("bad_image", f"image {k}: {type(err).__name__}: {err}") from err
+        return self._read_image(image_size, image, k)
 
     def _build(self, row: Any, count_turns: bool = True) -> dict[str, Any]:
         images, messages = self._messages(row, count_turns)
@@ -349,10 +342,14 @@ class SampleBuilder:
 
     def _decode(self, image: Any, k: int):
         """One image of the row -> RGB PIL image, or SkipSample("bad_image" / "image_too_large")."""
+        return self._read_image(load_image, image, k)
+
+    def _read_image(self, read: Any, image: Any, k: int) -> Any:
+        """`read(image, max_image_pixels)` (the header size or the decoded image), its failures as SkipSample."""
         if image is None:
             raise SkipSample("bad_image", f"image {k} is None")
         try:
-            return load_image(image, self.max_image_pixels)
+            return read(image, self.max_image_pixels)
         except ValueError as err:
             # load_image's pixel-cap message; pinned by tests/test_data_samples.py.
             reason = "image_too_large" if isinstance(err, ImageTooLargeError) else "bad_image"
@@ -487,13 +484,8 @@ class SampleDataset:
         skipped by a rule that needs no pixels); each one's key is its row index, all `build_measured` needs."""
         for i in range(start, len(self), stride):
             j = self.row_index(i)
-            self._reads += 1
-            if self.log_every and self._reads % self.log_every == 0:
-                self.counter.log_summary(prefix="data: ")
-            try:
-                row = self.read_row(j)
-            except Exception as err:  # e.g. an unreadable shard: count it like any other bad row
-                self.builder.record_error(err, index=j)
+            row = self._read_counted(j)
+            if row is _UNREADABLE:
                 yield None
                 continue
             measured, _ = self.builder.measure(row, index=j)
@@ -510,15 +502,20 @@ class SampleDataset:
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         j = self.row_index(i)
+        row = self._read_counted(j)
+        return None if row is _UNREADABLE else self.builder.build(row, index=j)[0]
+
+    def _read_counted(self, j: int) -> Any:
+        """Row `j`, counted as a read (the skip summary is logged every `log_every` reads); `_UNREADABLE` when
+        reading fails (e.g. an unreadable shard), counted like any other bad row."""
         self._reads += 1
         if self.log_every and self._reads % self.log_every == 0:
             self.counter.log_summary(prefix="data: ")
         try:
-            row = self.read_row(j)
-        except Exception as err:  # e.g. an unreadable shard: count it like any other bad row
+            return self.read_row(j)
+        except Exception as err:
             self.builder.record_error(err, index=j)
-            return None
-        return self.builder.build(row, index=j)[0]
+            return _UNREADABLE
 
     def __repr__(self) -> str:
         return (
