@@ -415,12 +415,17 @@ def run_fsdp(params: dict[str, Any], smoke: bool, cache: Path) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out, data = Path(tmp) / "run", Path(tmp) / "data"
+        # The data is built first and trained on as a plain dataset (--synthetic_dataset false): with the synthetic
+        # flag the demo ends in its held-out report, which needs lmms-eval (not on the GPU machines; the first H200
+        # run trained and saved under FSDP2, then stopped there before this check).
+        build = [sys.executable, "-m", "nanovlm.data.synthetic", "--output_dir", str(data), "--num_train", "120",
+                 "--num_validation", "8", "--num_test", "8", "--num_train_simple", "16", "--no_parquet"]
+        subprocess.run(build, capture_output=True, text=True, cwd=ROOT, check=True)
         cmd = [
             sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(ROOT / "configs/accelerate/fsdp.yaml"), "--num_processes", "1", str(ROOT / "train_accelerate.py"),
             "--config", str(ROOT / "configs/train/demo.yaml"), "--output_dir", str(out), "--dataset_name_or_path",
-            str(data), "--max_steps", "2", "--synthetic_num_train", "120", "--synthetic_num_validation", "8",
-            "--synthetic_num_test", "8", "--synthetic_num_train_simple", "16", "--eval_interval", "2",
+            str(data), "--synthetic_dataset", "false", "--max_steps", "2", "--eval_interval", "2",
             "--logging_steps", "1", "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "4",
             "--bf16", "true",
         ]

@@ -275,3 +275,23 @@ def test_bf16_forward_and_generate(tiny_model, tiny_processor):
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
     generated = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert generated.shape[1] == batch["input_ids"].shape[1] + 3
+
+
+def test_a_packed_training_forward_compiles_to_one_graph():
+    """torch.compile sees the whole forward of a packed batch with images as one graph: the image-token count check
+    (a device-to-host read) is left to eager runs. Before, dynamo split the forward into 5 graphs (4 breaks at
+    `Tensor.item()`), as the H200 run of bench/gpu_suite.py showed."""
+    from training_helpers import packed_dataset, synthetic_rows, tiny_setup
+
+    from nanovlm.data import PackedCollator
+    from nanovlm.data.collator import BOOKKEEPING_KEY
+
+    model, processor = tiny_setup()
+    model.train()
+    packs = [pack for _, pack in zip(range(2), packed_dataset(synthetic_rows(8), processor, infinite=False))]
+    batch = PackedCollator(processor.tokenizer.pad_token_id)(packs)
+    batch.pop(BOOKKEEPING_KEY, None)
+    assert batch["pixel_values"].shape[0] > 0
+    explained = torch._dynamo.explain(model)(**batch, use_cache=False)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
