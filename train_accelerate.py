@@ -122,7 +122,7 @@ def report_synthetic_accuracy(model, processor, data_args, training_args) -> dic
 def _synthetic_accuracy(model, processor, data_args, training_args) -> dict:
     import datasets
 
-    from nanovlm.data.synthetic import blind_guess_accuracy
+    from nanovlm.evaluation.scoring import blind_guess_accuracy
     from nanovlm.evaluation.synthetic_eval import evaluate_synthetic, format_accuracy_table
 
     path = data_args.dataset_name_or_path

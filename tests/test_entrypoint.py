@@ -41,7 +41,7 @@ def test_shortened_demo_run(tmp_path):
     # the blind guess takes its majority answers from every split trained on: train and the curriculum split
     import datasets
 
-    from nanovlm.data.synthetic import blind_guess_accuracy
+    from nanovlm.evaluation.scoring import blind_guess_accuracy
 
     splits = datasets.load_from_disk(str(data))
     seen = datasets.concatenate_datasets(

@@ -24,7 +24,7 @@ from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.evaluator import simple_evaluate
 
 from nanovlm import NanoVLMForConditionalGeneration
-from nanovlm.data.synthetic import SyntheticConfig, answer_is_correct, build_synthetic_dataset, generate_split
+from nanovlm.data.synthetic import SyntheticConfig, build_synthetic_dataset, generate_split
 from nanovlm.evaluation.lmms import (
     MODEL_ID,
     NanoVLMLmms,
@@ -34,6 +34,7 @@ from nanovlm.evaluation.lmms import (
     prompt_format_for,
     task_manager_for,
 )
+from nanovlm.evaluation.scoring import answer_is_correct
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = str(ROOT / "eval" / "tasks")

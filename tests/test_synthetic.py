@@ -13,6 +13,8 @@ import datasets
 import pytest
 
 from nanovlm.data import synthetic as syn
+from nanovlm.data.synthetic import cli
+from nanovlm.evaluation import scoring
 
 COLOR_NAMES = "|".join(syn.COLORS)
 KIND_NAMES = "|".join(syn.SHAPES)
@@ -260,7 +262,7 @@ def test_config_errors_name_the_value(kwargs: dict, match: str) -> None:
     ],
 )
 def test_answer_is_correct(prediction: str, reference: str, expected: bool) -> None:
-    assert syn.answer_is_correct(prediction, reference) is expected
+    assert scoring.answer_is_correct(prediction, reference) is expected
 
 
 def _row(*turns: tuple[str, str], low: tuple[int, ...] = ()) -> dict:
@@ -281,19 +283,19 @@ def test_blind_guess_accuracy_matches_a_hand_computation() -> None:
         _row(("reading", "cat")),
     ]
     # majority: color -> red (2 of 3), count -> 2; reading has no majority in the reference -> scores 0.
-    assert syn.blind_guess_accuracy(evaluated, reference) == {
+    assert scoring.blind_guess_accuracy(evaluated, reference) == {
         "color": 0.5,
         "count": 0.5,
         "reading": 0.0,
         "overall": 2 / 5,
     }
     # Without a reference the evaluated rows give the majorities; ties go to the alphabetically first answer.
-    assert syn.majority_answers(evaluated) == {"color": "blue", "count": "2", "reading": "cat"}
-    assert syn.blind_guess_accuracy(evaluated) == {"color": 0.5, "count": 0.5, "reading": 1.0, "overall": 3 / 5}
+    assert scoring.majority_answers(evaluated) == {"color": "blue", "count": "2", "reading": "cat"}
+    assert scoring.blind_guess_accuracy(evaluated) == {"color": 0.5, "count": 0.5, "reading": 1.0, "overall": 3 / 5}
     # min_rating drops low-rated turns on both sides.
     noisy = [_row(("color", "blue"), ("color", "blue"), low=(0, 1)), _row(("color", "red"))]
-    assert syn.blind_guess_accuracy(noisy, min_rating=3) == {"color": 1.0, "overall": 1.0}
-    assert syn.blind_guess_accuracy(noisy) == {"color": 2 / 3, "overall": 2 / 3}
+    assert scoring.blind_guess_accuracy(noisy, min_rating=3) == {"color": 1.0, "overall": 1.0}
+    assert scoring.blind_guess_accuracy(noisy) == {"color": 2 / 3, "overall": 2 / 3}
 
 
 def test_per_question_blind_guess_matches_a_hand_computation() -> None:
@@ -311,19 +313,19 @@ def test_per_question_blind_guess_matches_a_hand_computation() -> None:
         turn("Is the square at the top or the bottom? Answer with one word.", "bottom"),
         turn("Is the red square at the top or the bottom?", "left"),  # unseen question: type majority "left"
     ]
-    assert syn.blind_guess_accuracy(evaluated, reference) == {"position": 1 / 3, "overall": 1 / 3}
-    assert syn.blind_guess_accuracy(evaluated, reference, per_question=True) == {"position": 2 / 3, "overall": 2 / 3}
+    assert scoring.blind_guess_accuracy(evaluated, reference) == {"position": 1 / 3, "overall": 1 / 3}
+    assert scoring.blind_guess_accuracy(evaluated, reference, per_question=True) == {"position": 2 / 3, "overall": 2 / 3}
 
 
 def test_blind_guess_is_weak_and_answers_are_near_uniform() -> None:
     train = list(syn.iter_samples(1200, "train", 0))
     test = list(syn.iter_samples(1200, "test", 0))
-    accuracy = syn.blind_guess_accuracy(test, train)
+    accuracy = scoring.blind_guess_accuracy(test, train)
     assert set(accuracy) == set(syn.QUESTION_TYPES) | {"overall"}
     assert all(accuracy[t] <= 0.45 for t in syn.QUESTION_TYPES), accuracy
     assert accuracy["overall"] <= 0.32, accuracy
     # Even a text-only model that learns each exact question's majority stays near chance.
-    per_question = syn.blind_guess_accuracy(test, train, per_question=True)
+    per_question = scoring.blind_guess_accuracy(test, train, per_question=True)
     assert all(per_question[t] <= 0.6 for t in syn.QUESTION_TYPES), per_question
     assert per_question["overall"] <= 0.4, per_question
     first_turns: dict[str, Counter] = {}
@@ -441,7 +443,7 @@ def test_simple_split_is_single_object_and_leaves_the_other_splits_unchanged(tmp
     assert set(first_types) == {"color", "count", "position"}
     assert max(len(t) for t in simple["texts"]) == 3  # multi-turn as train: one question per type (3 types)
     # the blind guess still takes its majorities from the train split only
-    assert syn.blind_guess_accuracy(data) == syn.blind_guess_accuracy(default)
+    assert scoring.blind_guess_accuracy(data) == scoring.blind_guess_accuracy(default)
     record = json.loads((tmp_path / "simple" / "synthetic_config.json").read_text())
     assert record[syn.SIMPLE_SPLIT] == 60 and record["max_shapes"] == 4
     reloaded = syn.build_synthetic_dataset(tmp_path / "simple", 30, 6, 12, seed=3)  # rebuilt without it
@@ -451,7 +453,7 @@ def test_simple_split_is_single_object_and_leaves_the_other_splits_unchanged(tmp
 
 def test_cli_builds_and_reports_blind_guess(tmp_path, capsys) -> None:
     out = tmp_path / "cli"
-    result = syn.main(
+    result = cli.main(
         ["--output_dir", str(out), "--num_train", "30", "--num_validation", "0", "--num_test", "12", "--no_parquet"]
     )
     printed = capsys.readouterr().out
@@ -459,14 +461,14 @@ def test_cli_builds_and_reports_blind_guess(tmp_path, capsys) -> None:
     assert re.search(r"overall\s+\d+\s+-\s+[01]\.\d{3}\s+[01]\.\d{3}", printed)
     assert 0.0 <= result["overall"] <= 1.0
     assert (out / "dataset_dict.json").exists() and not (out / "parquet").exists()
-    syn.main(["--output_dir", str(out), "--num_train", "4", "--num_validation", "0", "--num_test", "2",
+    cli.main(["--output_dir", str(out), "--num_train", "4", "--num_validation", "0", "--num_test", "2",
               "--num_train_simple", "5", "--no_parquet", "--overwrite"])
     assert len(datasets.load_from_disk(str(out))[syn.SIMPLE_SPLIT]) == 5
     with pytest.raises(SystemExit) as exit_info:
-        syn.main(["--help"])
+        cli.main(["--help"])
     assert exit_info.value.code == 0
     with pytest.raises(SystemExit):
-        syn.main(["--output_dir", str(out), "--image_size", "big"])
+        cli.main(["--output_dir", str(out), "--image_size", "big"])
 
 
 def _files(folder: Path) -> dict[str, int]:
@@ -487,7 +489,7 @@ def test_cli_refuses_to_overwrite_data_built_with_other_settings(tmp_path, capsy
     prepare_synthetic_dataset(data_args, training_args)
     before = _files(out)
     with pytest.raises(SystemExit) as exit_info:
-        syn.main(["--output_dir", str(out)])
+        cli.main(["--output_dir", str(out)])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(
@@ -501,14 +503,14 @@ def test_cli_refuses_to_overwrite_data_built_with_other_settings(tmp_path, capsy
     same = ["--output_dir", str(out), "--num_train", "12", "--num_validation", "4", "--num_test", "4",
             "--num_train_simple", "4", "--multi_turn_fraction", "0.3", "--train_multi_turn_fraction", "1.0",
             "--train_max_turns", "4"]
-    result = syn.main(same)
+    result = cli.main(same)
     printed = capsys.readouterr().out
     assert printed.startswith(f"{out} already holds this dataset (built with the same settings): reusing it.")
     assert "blind guess on test" in printed and 0.0 <= result["overall"] <= 1.0
     assert _files(out) == before
 
     # --overwrite rebuilds with the new settings
-    syn.main(["--output_dir", str(out), "--num_train", "6", "--num_validation", "0", "--num_test", "3",
+    cli.main(["--output_dir", str(out), "--num_train", "6", "--num_validation", "0", "--num_test", "3",
               "--no_parquet", "--overwrite"])
     assert json.loads((out / syn.SETTINGS_FILE).read_text())["train"] == 6
     assert len(datasets.load_from_disk(str(out))["train"]) == 6
@@ -518,7 +520,7 @@ def test_cli_refuses_to_overwrite_data_built_with_other_settings(tmp_path, capsy
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     with pytest.raises(SystemExit):
-        syn.main(["--output_dir", str(other), "--num_train", "4"])
+        cli.main(["--output_dir", str(other), "--num_train", "4"])
     assert "exists and is not a synthetic dataset" in capsys.readouterr().err
     assert (other / "keep.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
 

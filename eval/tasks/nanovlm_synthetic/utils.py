@@ -23,7 +23,8 @@ from pathlib import Path
 import datasets
 from lmms_eval.api.task import ConfigurableTask
 
-from nanovlm.data.synthetic import ANSWER_SETS, answer_is_correct, normalize_answer
+from nanovlm.data.synthetic import ANSWER_SETS
+from nanovlm.evaluation.scoring import answer_is_correct, normalize_answer
 
 DATA_ENV = "NANOVLM_SYNTHETIC_DATA"
 SPLIT_ENV = "NANOVLM_SYNTHETIC_SPLIT"
