@@ -16,7 +16,6 @@ from the last complete checkpoint in `--output_dir` (a run that already reached 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -87,21 +86,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     final_dir = os.path.join(training_args.output_dir, "final")
     results = {"final_model": final_dir}
-    report = {}
     if data_args.synthetic_dataset:  # on the best model (load_best_model_at_end), which is what gets saved; in
         # every process: lmms-eval shares the test questions among them (one process alone waits for the others)
-        report = report_synthetic_accuracy(trainer.model, processor, data_args, training_args)
+        results.update(report_synthetic_accuracy(trainer.model, processor, data_args, training_args))
     if trainer.is_world_process_zero():
         results["plots"] = plot_training_curves(trainer.state.log_history, training_args.output_dir)
-        results.update(report)
-        with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-    trainer.save_model(final_dir)  # with the processor, training_info.json (incl. results.json) and the card
+    trainer.set_results(results)  # OUTPUT_DIR/results.json, and the accuracy tables on the model card
+    trainer.save_model(final_dir)  # with the processor, training_info.json and the model card
     if training_args.push_to_hub or training_args.hub_model_id:
-        trainer.push_to_hub()  # the final (best) model, its processor and code files
-    if "test_accuracy_error" in report:  # the model is saved; the run still failed: its promise is the table
+        trainer.push_to_hub()  # the final (best) model, its processor, code files and card
+    if "test_accuracy_error" in results:  # the model is saved; the run still failed: its promise is the table
         raise SystemExit(
-            f"train_accelerate.py: error: the held-out evaluation failed: {report['test_accuracy_error']} "
+            f"train_accelerate.py: error: the held-out evaluation failed: {results['test_accuracy_error']} "
             f"(the trained model is saved in {final_dir})"
         )
     return results
