@@ -321,7 +321,7 @@ class NanoVLMTrainer(Trainer):
 
     # ---- model card ----------------------------------------------------------------------------------------------
     def training_info(self, dataset: str | list[str] | None = None, finetuned_from: str | None = None) -> dict:
-        """What the model card reports about this run (see model_card_nanovlm.py): steps, global batch, LRs, the
+        """What the model card reports about this run (see model_card.py): steps, global batch, LRs, the
         last training loss, the last and best validation loss, the data (`dataset`, else `card_info["dataset"]`,
         else the `save_to_disk` folder of the training rows), LoRA settings, and the accuracy tables of the results
         given to `set_results`."""
