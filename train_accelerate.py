@@ -16,7 +16,6 @@ from the last complete checkpoint in `--output_dir` (a run that already reached 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -35,6 +34,7 @@ from nanovlm.training.build import (
 from nanovlm.training.errors import NonFiniteLossError, UsageError
 from nanovlm.training.parser import parse_args
 from nanovlm.training.plots import plot_training_curves
+from nanovlm.training.reports import report_synthetic_accuracy
 from nanovlm.training.trainer import NanoVLMTrainer, completed_step
 
 logger = logging.getLogger("nanovlm")
@@ -86,65 +86,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     final_dir = os.path.join(training_args.output_dir, "final")
     results = {"final_model": final_dir}
-    report = {}
     if data_args.synthetic_dataset:  # on the best model (load_best_model_at_end), which is what gets saved; in
         # every process: lmms-eval shares the test questions among them (one process alone waits for the others)
-        report = report_synthetic_accuracy(trainer.model, processor, data_args, training_args)
+        results.update(report_synthetic_accuracy(trainer.model, processor, data_args, training_args))
     if trainer.is_world_process_zero():
         results["plots"] = plot_training_curves(trainer.state.log_history, training_args.output_dir)
-        results.update(report)
-        with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-    trainer.save_model(final_dir)  # with the processor, training_info.json (incl. results.json) and the card
+    trainer.set_results(results)  # OUTPUT_DIR/results.json, and the accuracy tables on the model card
+    trainer.save_model(final_dir)  # with the processor, training_info.json and the model card
     if training_args.push_to_hub or training_args.hub_model_id:
-        trainer.push_to_hub()  # the final (best) model, its processor and code files
-    if "test_accuracy_error" in report:  # the model is saved; the run still failed: its promise is the table
+        trainer.push_to_hub()  # the final (best) model, its processor, code files and card
+    if "test_accuracy_error" in results:  # the model is saved; the run still failed: its promise is the table
         raise SystemExit(
-            f"train_accelerate.py: error: the held-out evaluation failed: {report['test_accuracy_error']} "
+            f"train_accelerate.py: error: the held-out evaluation failed: {results['test_accuracy_error']} "
             f"(the trained model is saved in {final_dir})"
         )
     return results
-
-
-def report_synthetic_accuracy(model, processor, data_args, training_args) -> dict:
-    """Held-out accuracy per question type (lmms-eval's `nanovlm_synthetic` task on the test split) beside the blind
-    guess, printed and returned by the main process ({} by the others; every process must call it). A failed
-    evaluation returns `test_accuracy_error` (one line) instead of raising, so that the trained model is saved
-    before `main` exits with that error."""
-    try:
-        return _synthetic_accuracy(model, processor, data_args, training_args)
-    except Exception as error:  # noqa: BLE001 - any failure: save the model first, then fail the run (see main)
-        expected = isinstance(error, (RuntimeError, OSError, KeyError, ValueError))
-        logger.error("Held-out evaluation failed: %s", error, exc_info=not expected)  # a traceback for bugs only
-        return {"test_accuracy_error": " ".join(str(error).split()) or type(error).__name__}
-
-
-def _synthetic_accuracy(model, processor, data_args, training_args) -> dict:
-    import datasets
-
-    from nanovlm.evaluation.scoring import blind_guess_accuracy
-    from nanovlm.evaluation.synthetic_eval import evaluate_synthetic, format_accuracy_table
-
-    path = data_args.dataset_name_or_path
-    splits = datasets.load_from_disk(path)
-    if "test" not in splits:
-        raise ValueError(
-            f"{path} has no test split (splits: {sorted(splits)}); build the data with --synthetic_num_test > 0"
-        )
-    test = splits["test"]
-    # The blind guess answers each question type's majority answer among every row the model trained on.
-    seen = [data_args.train_split] + ([data_args.curriculum_split] if data_args.curriculum_split else [])
-    reference = datasets.concatenate_datasets([splits[name].select_columns(["texts", "question_type"]) for name in seen])
-    blind = blind_guess_accuracy(test, reference)
-    accuracy = evaluate_synthetic(
-        model, processor, path, split="test", batch_size=training_args.per_device_eval_batch_size
-    )
-    if training_args.process_index != 0:  # lmms-eval returns the metrics to the main process only
-        return {}
-    table = format_accuracy_table(accuracy, blind)
-    print(f"\nHeld-out accuracy on {len(test)} synthetic test samples (lmms-eval, nanovlm_synthetic):\n{table}\n",
-          flush=True)
-    return {"test_accuracy": accuracy, "blind_guess_accuracy": blind}
 
 
 if __name__ == "__main__":

@@ -16,12 +16,10 @@ Non-standard parts:
 - `config.vision_sincos_position_scale` starts the vision tower's learned position table from a 2-D sin-cos grid
   at init, so `from_config` rebuilds the demo model;
 - the text embedding has no padding row (transformers would never train the pad token's input embedding, and
-  the pad token is `<|im_end|>` with SmolLM2's tokenizer);
-- `push_to_hub` uploads a model card built from the model (parameter counts, backbones, training, evaluation, usage;
-  see model_card_nanovlm.py) instead of transformers' generic one, and `save_pretrained` carries the model's
-  `training_info.json` along.
+  the pad token is `<|im_end|>` with SmolLM2's tokenizer).
 
 This file is copied next to the weights by `save_pretrained`; it imports its siblings only as `from .x import Y`.
+It knows nothing of model cards or training runs: `NanoVLMTrainer` writes those (nanovlm/training/model_card.py).
 """
 
 from __future__ import annotations
@@ -39,7 +37,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_nanovlm import NanoVLMConfig
 from .image_processing_nanovlm import normalize_pixels
-from .model_card_nanovlm import card_tags_from, load_training_info, save_training_info, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -306,33 +303,13 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
     # save_pretrained records one auto class per class (`register_for_auto_class`); these point at the same class.
     _extra_auto_classes = ("AutoModelForImageTextToText", "AutoModelForCausalLM")
 
-    # Set by NanoVLMTrainer (or by hand): what the model card reports about training; see model_card_nanovlm.py.
-    training_info: dict | None = None
-
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, also mapping AutoModelForImageTextToText/CausalLM in `auto_map` and
-        writing the model's training info (`training_info.json`, for the model card) when it has any."""
+        """`PreTrainedModel.save_pretrained`, also mapping AutoModelForImageTextToText/CausalLM in `auto_map`."""
         if self._auto_class is not None:
             name = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
             extra = {auto_class: name for auto_class in self._extra_auto_classes}
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **extra}
-        out = super().save_pretrained(save_directory, *args, **kwargs)
-        info = load_training_info(self)
-        if info is not None and kwargs.get("is_main_process", True):
-            save_training_info(info, save_directory)
-        return out
-
-    def _upload_modified_files(self, working_dir, repo_id, files_timestamps, **kwargs):
-        """The last step of `push_to_hub` and `save_pretrained(push_to_hub=True)`, right after transformers wrote its
-        generic README.md: replace it with the NanoVLM model card (keeping its tags) and add the training info, then
-        upload as usual."""
-        readme = os.path.join(working_dir, "README.md")
-        info = load_training_info(self)
-        if info is not None:
-            save_training_info(info, working_dir)
-        write_model_card(self, working_dir, repo_id=repo_id, tags=card_tags_from(readme), training_info=info)
-        logger.info("Wrote the NanoVLM model card to %s", readme)
-        return super()._upload_modified_files(working_dir, repo_id, files_timestamps, **kwargs)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

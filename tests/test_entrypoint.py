@@ -56,6 +56,10 @@ def test_shortened_demo_run(tmp_path):
     final = out / "final"
     for name in ("model.safetensors", "modeling_nanovlm.py", "processor_config.json", "tokenizer.json"):
         assert (final / name).is_file(), name
+    # the results reach the model card in memory: the accuracy tables in training_info.json and on the card
+    info = json.loads((final / "training_info.json").read_text())
+    assert info["evaluation"] == {"test_accuracy": accuracy, "blind_guess_accuracy": blind}
+    assert f"| overall | {accuracy['overall']:.3f} | {blind['overall']:.3f} |" in (final / "README.md").read_text()
     # the demo's own pixel statistics travel with the checkpoint's processor
     demo = yaml.safe_load((ROOT / "configs/train/demo.yaml").read_text())
     saved = json.loads((final / "processor_config.json").read_text())

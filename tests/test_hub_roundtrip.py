@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from conftest import TOKENIZER_CORPUS
 from PIL import Image
@@ -41,7 +42,19 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_trust_remote_code_roundtrip_in_fresh_process(tiny_model, tiny_processor, tmp_path):
+def _as_older_checkpoint(ckpt) -> None:
+    """Make `ckpt` look like one saved by an older version: its model code imported a sibling card module
+    (model_card_nanovlm.py), copied next to the weights with it."""
+    (ckpt / "model_card_nanovlm.py").write_text("import json\n\nTRAINING_INFO_NAME = 'training_info.json'\n")
+    modeling = ckpt / "modeling_nanovlm.py"
+    code = modeling.read_text()
+    anchor = "from .configuration_nanovlm import NanoVLMConfig\n"
+    assert anchor in code
+    modeling.write_text(code.replace(anchor, anchor + "from .model_card_nanovlm import TRAINING_INFO_NAME\n"))
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["current", "older_with_card_module"])
+def test_trust_remote_code_roundtrip_in_fresh_process(tiny_model, tiny_processor, tmp_path, older):
     ckpt = tmp_path / "ckpt"
     tiny_model.save_pretrained(ckpt)
     tiny_processor.save_pretrained(ckpt)
@@ -49,6 +62,9 @@ def test_trust_remote_code_roundtrip_in_fresh_process(tiny_model, tiny_processor
     for name in ("configuration_nanovlm.py", "modeling_nanovlm.py", "processing_nanovlm.py",
                  "image_processing_nanovlm.py", "model.safetensors", "config.json", "processor_config.json"):
         assert name in files
+    assert "model_card_nanovlm.py" not in files  # the model code knows nothing of cards
+    if older:
+        _as_older_checkpoint(ckpt)
     auto_map = json.loads((ckpt / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForImageTextToText"] == "modeling_nanovlm.NanoVLMForConditionalGeneration"
 

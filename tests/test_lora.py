@@ -168,8 +168,9 @@ def test_adapter_saves_reloads_and_merges(lora_run, tmp_path):
     assert type(merged) is NanoVLMForConditionalGeneration
     torch.testing.assert_close(logits(merged, processor), ref, atol=1e-5, rtol=0)
     saved = set(os.listdir(tmp_path / "merged"))
-    assert {"modeling_nanovlm.py", "configuration_nanovlm.py", "model_card_nanovlm.py", "model.safetensors",
-            "processor_config.json", "training_info.json"} <= saved
+    assert {"modeling_nanovlm.py", "configuration_nanovlm.py", "model.safetensors", "processor_config.json",
+            "training_info.json", "README.md"} <= saved and "model_card_nanovlm.py" not in saved
+    assert "- steps: 4 " in (tmp_path / "merged" / "README.md").read_text()  # the adapter run's card, not the base's
     auto_map = json.loads((tmp_path / "merged" / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModel"] == "modeling_nanovlm.NanoVLMForConditionalGeneration"
     assert json.loads((tmp_path / "merged" / "training_info.json").read_text())["steps"] == 4

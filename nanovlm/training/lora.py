@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..model_card_nanovlm import parameter_counts, read_training_info
+from .model_card import parameter_counts, read_training_info, save_training_info, write_model_card
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
@@ -161,9 +161,9 @@ def merge_lora_checkpoint(
 ) -> NanoVLMForConditionalGeneration:
     """Load a base NanoVLM and a saved adapter, merge them (`merge_and_unload`) and save a full checkpoint.
 
-    The output is a plain NanoVLM checkpoint (weights, config with `auto_map`, model code, processor, training info)
-    that `AutoModel.from_pretrained(output_dir, trust_remote_code=True)` loads. The processor is taken from the
-    adapter folder (NanoVLMTrainer saves it there), else from the base model.
+    The output is a plain NanoVLM checkpoint (weights, config with `auto_map`, model code, processor, and the adapter
+    run's training info and model card) that `AutoModel.from_pretrained(output_dir, trust_remote_code=True)` loads.
+    The processor is taken from the adapter folder (NanoVLMTrainer saves it there), else from the base model.
 
     Args:
         adapter_path: a folder written by `PeftModel.save_pretrained` / `NanoVLMTrainer.save_model`.
@@ -191,9 +191,11 @@ def merge_lora_checkpoint(
             raise ValueError(f"{config_path} records no base_model_name_or_path: pass base_model_name_or_path.")
     base = NanoVLMForConditionalGeneration.from_pretrained(base_model_name_or_path)
     merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
-    # this run's training info, not the base model's (which `name_or_path` would point the model card at)
-    merged.training_info = read_training_info(adapter_path) or {"finetuned_from": os.fspath(base_model_name_or_path)}
     merged.save_pretrained(output_dir)
+    # this run's training info and card, not the base model's (which `name_or_path` would point the card at)
+    info = read_training_info(adapter_path) or {"finetuned_from": os.fspath(base_model_name_or_path)}
+    save_training_info(info, output_dir)
+    write_model_card(merged, output_dir, repo_id=os.fspath(output_dir), training_info=info)
     processor_source = adapter_path if os.path.isfile(os.path.join(adapter_path, "processor_config.json")) else (
         base_model_name_or_path)
     AutoProcessor.from_pretrained(processor_source).save_pretrained(output_dir)

@@ -18,9 +18,10 @@ What it overrides, and why (everything else is Trainer's):
   and never resumed from), and restored on resume instead of replaying batches. So are the settings that define
   that position and the model (`run_settings.json`): a resume with other settings is refused, naming each one, unless
   `--resume_restart_data` restarts the data deliberately.
-- `save_model` / `create_model_card`: every save writes the run's `training_info.json` (steps, losses, data, LRs,
-  LoRA settings, the entry point's results.json) and the NanoVLM model card (README.md, model_card_nanovlm.py),
-  which `push_to_hub` uploads instead of Trainer's generic card. A PEFT (LoRA) model is saved as its adapter.
+- `save_model` / `create_model_card`: the one writer of the model card. Every save writes the run's
+  `training_info.json` (steps, losses, data, LRs, LoRA settings, the results given to `set_results`) and the NanoVLM
+  model card (README.md, see model_card.py), which `push_to_hub` uploads instead of Trainer's generic card. A PEFT
+  (LoRA) model is saved as its adapter.
 """
 
 from __future__ import annotations
@@ -42,16 +43,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..data.collator import BOOKKEEPING_KEY
 from ..data.packing import PackedDataset, combine_pack_states
 from ..data.samples import IGNORE_INDEX
-from ..model_card_nanovlm import save_training_info, write_model_card
 from .errors import UsageError
 from .flops import estimate_flops, peak_flops
+from .model_card import save_training_info, write_model_card
 from .optim import GuardedAdamW, NonFiniteGuard, apply_freezing, build_param_groups
 
 logger = logging.getLogger(__name__)
 
 DATA_STATE_NAME = "data_state.json"
 RUN_SETTINGS_NAME = "run_settings.json"  # the data/packing flags and the model config a checkpoint was saved with
-RESULTS_NAME = "results.json"  # written into output_dir by train_accelerate.py (synthetic accuracy); on the card
+RESULTS_NAME = "results.json"  # the run's end results (set_results), written into output_dir for the user
 TRAINER_STATE_NAME = "trainer_state.json"
 
 
@@ -119,6 +120,7 @@ class NanoVLMTrainer(Trainer):
         self._last_step_end: float | None = None
         # Extra training info for the model card, e.g. {"dataset": "HuggingFaceM4/FineVision"}; see training_info().
         self.card_info: dict[str, Any] = {}
+        self.results: dict[str, Any] = {}  # the run's end results (set_results); their accuracy tables go on the card
         # {flag: value} of the settings that define the data position and packing (train_accelerate.py sets them
         # from build.data_position_settings); saved with every checkpoint beside the model config, compared on resume.
         self.run_settings: dict[str, Any] = {}
@@ -319,9 +321,10 @@ class NanoVLMTrainer(Trainer):
 
     # ---- model card ----------------------------------------------------------------------------------------------
     def training_info(self, dataset: str | list[str] | None = None, finetuned_from: str | None = None) -> dict:
-        """What the model card reports about this run (see model_card_nanovlm.py): steps, global batch, LRs, the
+        """What the model card reports about this run (see model_card.py): steps, global batch, LRs, the
         last training loss, the last and best validation loss, the data (`dataset`, else `card_info["dataset"]`,
-        else the `save_to_disk` folder of the training rows), LoRA settings, and `results.json` of the output dir."""
+        else the `save_to_disk` folder of the training rows), LoRA settings, and the accuracy tables of the results
+        given to `set_results`."""
         history = self.state.log_history
         losses = [e["loss"] for e in history if "loss" in e]
         eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
@@ -345,26 +348,31 @@ class NanoVLMTrainer(Trainer):
             from .lora import lora_info
 
             info["lora"] = lora_info(model)
-        results_path = os.path.join(self.args.output_dir, RESULTS_NAME)
-        if os.path.isfile(results_path):
-            with open(results_path) as f:
-                results = json.load(f)
-            keep = ("test_accuracy", "blind_guess_accuracy")
-            info["evaluation"] = {k: results[k] for k in keep if k in results}
+        evaluation = {k: self.results[k] for k in ("test_accuracy", "blind_guess_accuracy") if k in self.results}
+        if evaluation:
+            info["evaluation"] = evaluation
         return {**self.card_info, **{k: v for k, v in info.items() if v is not None}}
+
+    def set_results(self, results: dict[str, Any]) -> None:
+        """Record the run's end results (e.g. the final model's folder, the plots, `test_accuracy` and
+        `blind_guess_accuracy`): kept in memory for the training info and model card of every later save and push,
+        and written to OUTPUT_DIR/results.json (by the main process) for the user. Every process may call it."""
+        self.results = dict(results)
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, RESULTS_NAME), "w") as f:
+                json.dump(self.results, f, indent=2)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model` (a PEFT model saves its adapter), plus `training_info.json` and the model card
         (README.md; for an adapter it replaces PEFT's template card)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        info = self.training_info() if self.args.should_save else None
-        model = self.accelerator.unwrap_model(self.model)
-        if info is not None:  # set first: the model's save_pretrained writes it too
-            (model.get_base_model() if hasattr(model, "get_base_model") else model).training_info = info
         super().save_model(output_dir, _internal_call)
-        if info is not None:
+        if self.args.should_save:
+            info = self.training_info()
             save_training_info(info, output_dir)
-            write_model_card(model, output_dir, repo_id=self.args.hub_model_id or output_dir, training_info=info)
+            write_model_card(self.accelerator.unwrap_model(self.model), output_dir,
+                             repo_id=self.args.hub_model_id or output_dir, training_info=info)
 
     def create_model_card(
         self,

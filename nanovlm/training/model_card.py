@@ -1,12 +1,13 @@
-"""The README.md model card of a NanoVLM, built from the model itself: what `push_to_hub` uploads.
+"""The README.md model card of a NanoVLM, built from the model itself. Its one writer is `NanoVLMTrainer` (every save
+and `push_to_hub`; `merge_lora_checkpoint` for the merged model): the model class knows nothing of cards.
 
 The card has hub metadata (license, pipeline tag, library, tags, backbones and datasets when they are hub ids) and
 sections for the architecture with the real parameter counts of each part, the training run, the evaluation
 results, and a usage snippet that loads the model with `trust_remote_code=True`.
 
 What the model cannot know by itself (data, steps, losses, evaluation) is its *training info*: a small JSON dict
-saved next to the weights as `training_info.json` (written by `NanoVLMTrainer.save_model`, carried along by
-`save_pretrained`). Recognised keys, all optional:
+saved next to the weights as `training_info.json` (written by `NanoVLMTrainer` with the card). Recognised keys, all
+optional:
 
     dataset            str or list of str: the training data (hub ids or paths)
     steps              int: optimizer steps trained
@@ -20,8 +21,8 @@ saved next to the weights as `training_info.json` (written by `NanoVLMTrainer.sa
     finetuned_from     str: the checkpoint this run started from
     lora               {"r", "alpha", "dropout", "target_modules", "base_model"} for a LoRA adapter
 
-This file is copied next to the weights by `save_pretrained` (modeling_nanovlm.py imports it as a sibling), so it
-imports only the standard library, transformers and huggingface_hub.
+Checkpoints saved by older versions carry a copy of this module as model_card_nanovlm.py (their modeling file
+imported it); they still load, since they use their own copies.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import os
 import re
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCardData
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +116,6 @@ def read_training_info(name_or_path: str | os.PathLike) -> dict[str, Any] | None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
-
-def load_training_info(model: Any) -> dict[str, Any] | None:
-    """`model.training_info` when set, else the training info saved where the model was loaded from."""
-    info = getattr(model, "training_info", None)
-    if info is not None:
-        return info
-    return read_training_info(getattr(model, "name_or_path", "") or "")
 
 
 # ---- the card ----------------------------------------------------------------------------------------------------
@@ -268,12 +262,15 @@ def build_model_card(
         model: a `NanoVLMForConditionalGeneration`, or a PEFT model wrapping one (then the card describes the
             adapter: `library_name: peft`, the base model, and a usage snippet loading the adapter on it).
         repo_id: the hub repo (title and usage snippet); None uses the model's `name_or_path`.
-        training_info: see the module docstring; None uses `load_training_info(model)`.
+        training_info: see the module docstring; None reads the `training_info.json` saved where the model was
+            loaded from (none: the card says no training information was recorded).
         tags: extra hub tags (nanovlm, vision-language and image-text-to-text are always there).
         language: the card's `language` metadata.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    info = dict(training_info if training_info is not None else (load_training_info(base) or {}))
+    if training_info is None:
+        training_info = read_training_info(getattr(base, "name_or_path", "") or "")
+    info = dict(training_info or {})
     counts = parameter_counts(model)
     repo = repo_id or str(getattr(base, "name_or_path", "") or "path/to/checkpoint")
     lora = info.get("lora") or None
@@ -321,24 +318,12 @@ def write_model_card(model: Any, directory: str | os.PathLike, **kwargs: Any) ->
     return path
 
 
-def card_tags_from(path: str | os.PathLike) -> list[str]:
-    """The `tags` of an existing README.md (e.g. transformers' generic card), or [] when it has none."""
-    if not os.path.isfile(path):
-        return []
-    try:
-        return list(ModelCard.load(path).data.tags or [])
-    except Exception:  # a card without valid front matter has no tags to keep
-        return []
-
-
 __all__ = [
     "TRAINING_INFO_NAME",
     "build_model_card",
     "write_model_card",
     "parameter_counts",
     "backbone_names",
-    "load_training_info",
     "read_training_info",
     "save_training_info",
-    "card_tags_from",
 ]
