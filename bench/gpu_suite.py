@@ -74,6 +74,7 @@ ITEMS: list[Item] = [
     Item("packed_equivalence", "packed", {}, False, 150),
     # flex_attention compiles its kernels on first use (it did not finish in 90 s at the 460m shape): without it
     Item("packed_equivalence_sdpa_eager", "packed", {"impls": ["sdpa", "eager"]}, False, 80),
+    Item("packed_equivalence_flex", "packed", {"impls": ["flex_attention"]}, True, 150),
     Item("generation_cache", "gen_cache", {}, False, 45),
     Item("generation_speed", "gen_speed", {}, False, 100),
     Item("dataloader_w4", "dataloader", {"workers": 4}, False, 120),
@@ -151,6 +152,26 @@ def _liger_loss(trainer):
     trainer.compute_loss = compute_loss
 
 
+_CHILD_START = time.perf_counter()
+
+
+def _Progress():
+    """A callback printing each step's wall time as it ends: a timed-out item's log still shows where time went
+    (compilation, data wait) and the steady-state step time."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        last = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            took = "" if self.last is None else f" ({now - self.last:.3f} s)"
+            self.last = now
+            print(f"step {state.global_step} at {now - _CHILD_START:.1f} s{took}", flush=True)
+
+    return Progress()
+
+
 def _train_args(tt, spec_name: str, smoke: bool, p: dict[str, Any], device: str, workers: int | None, data: str):
     steps, warmup = (4, 1) if smoke else (20, 5)
     argv = [
@@ -196,6 +217,8 @@ def run_train(params: dict[str, Any], smoke: bool, cache: Path, rows_fn=None, wo
             tt.build_model = on_gpu
         run = tt.build_run(args, shape, output_dir)
         trainer, setup = run["trainer"], run["setup"]
+        trainer.add_callback(_Progress())
+        print(f"model and data built at {time.perf_counter() - _CHILD_START:.1f} s", flush=True)
         if params.get("unisolated"):
             trainer.data_collator = Unisolated(trainer.data_collator)
         if params.get("fused_adamw"):
@@ -590,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="results folder (items/, results.json, log.txt)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, a few steps (CPU is fine)")
-    parser.add_argument("--items", default=None, help=f"comma-separated subset, in suite order; all: {list(BY_NAME)}")
+    parser.add_argument("--items", default=None, help=f"comma-separated subset, run in the order given; all: {list(BY_NAME)}")
     parser.add_argument("--budget_scale", type=float, default=1.0, help="multiply every item's time limit")
     parser.add_argument("--smoke_budget_s", type=int, default=120, help="each item's time limit under --smoke")
     parser.add_argument("--total_budget_s", type=float, default=480,
@@ -611,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [n for n in names if n not in BY_NAME]
         if unknown:
             raise SystemExit(f"--items: unknown {unknown}; choose from {list(BY_NAME)}")
-        items = [i for i in ITEMS if i.name in names]
+        items = [BY_NAME[n] for n in dict.fromkeys(names)]  # in the order given: the call's most wanted first
     args.out.mkdir(parents=True, exist_ok=True)
     info = machine()
     print(json.dumps(info), flush=True)
