@@ -70,6 +70,7 @@ ITEMS: list[Item] = [
     train("train_sdpa_b2", budget=60),
     train("train_unisolated_b2", unisolated=True),
     train("train_sdpa_compile_b2", budget=240, cuda_only=True, compile=True),
+    train("train_sdpa_regional_compile_b2", budget=200, cuda_only=True, compile=True, regional=True),
     train("train_flex_b2", budget=180, cuda_only=True, attn="flex_attention"),  # flex has no backward on CPU
     Item("packed_equivalence", "packed", {}, False, 150),
     # flex_attention compiles its kernels on first use (it did not finish in 90 s at the 460m shape): without it
@@ -215,6 +216,8 @@ def run_train(params: dict[str, Any], smoke: bool, cache: Path, rows_fn=None, wo
                     return build_model(*a, **k)
 
             tt.build_model = on_gpu
+        if params.get("regional"):  # Accelerate compiles each repeated block once (read when Trainer builds it)
+            os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "true"
         run = tt.build_run(args, shape, output_dir)
         trainer, setup = run["trainer"], run["setup"]
         trainer.add_callback(_Progress())

@@ -324,7 +324,9 @@ def run_shape(args: argparse.Namespace, shape: str) -> dict[str, Any]:
         if not args.pipeline_only:
             busy = result["step_time_s"] - result["time_s"]["data_wait"] / result["measured_steps"]
             pipeline["train_batches_per_s"] = 1.0 / busy
-            pipeline["ratio"] = pipeline["batches_per_s"] / pipeline["train_batches_per_s"]
+            # --pipeline_batches 0 times only the first batch: no steady-state rate, no ratio
+            pipeline["ratio"] = (pipeline["batches_per_s"] / pipeline["train_batches_per_s"]
+                                 if pipeline["batches_per_s"] is not None else None)
         result["pipeline"] = pipeline
         result["load_average_end"] = machine_info()["load_average"]
         del run, trainer

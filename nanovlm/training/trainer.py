@@ -367,12 +367,24 @@ class NanoVLMTrainer(Trainer):
         """`Trainer.save_model` (a PEFT model saves its adapter), plus `training_info.json` and the model card
         (README.md; for an adapter it replaces PEFT's template card)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        super().save_model(output_dir, _internal_call)
+        if self._fsdp_sharded_state_dict() and not _internal_call:
+            # Trainer.save_model writes nothing under FSDP with SHARDED_STATE_DICT (configs/accelerate/fsdp.yaml):
+            # sharded files are for resuming checkpoints. A model folder a user asks for must load with
+            # from_pretrained, so gather the full state dict (a collective: every process calls it).
+            state_dict = self.accelerator.get_state_dict(self.model)
+            self._save(output_dir, state_dict=state_dict)
+        else:
+            super().save_model(output_dir, _internal_call)
         if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
             info = self.training_info()
             save_training_info(info, output_dir)
             write_model_card(self.accelerator.unwrap_model(self.model), output_dir,
                              repo_id=self.args.hub_model_id or output_dir, training_info=info)
+
+    def _fsdp_sharded_state_dict(self) -> bool:
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        return plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
 
     def create_model_card(
         self,
