@@ -71,6 +71,7 @@ ITEMS: list[Item] = [
     train("train_unisolated_b2", unisolated=True),
     train("train_sdpa_compile_b2", budget=240, cuda_only=True, compile=True),
     train("train_sdpa_regional_compile_b2", budget=200, cuda_only=True, compile=True, regional=True),
+    train("train_regional_compile_b4", budget=200, cuda_only=True, compile=True, regional=True, batch=4),
     train("train_flex_b2", budget=180, cuda_only=True, attn="flex_attention"),  # flex has no backward on CPU
     Item("packed_equivalence", "packed", {}, False, 150),
     # flex_attention compiles its kernels on first use (it did not finish in 90 s at the 460m shape): without it

@@ -1,12 +1,15 @@
 """Model-FLOPs estimate for the MFU figure (training: forward + backward = 3x forward).
 
 Per optimizer micro-step, with N_text / N_vision / N_proj the non-embedding parameter counts:
-    text      6 * N_text * tokens                 + 12 * L_text * d_text * sum(T_row^2) / 2   (causal attention)
+    text      6 * N_text * real_tokens            + 12 * L_text * d_text * sum_i(L_i^2) / 2   (causal attention)
     vision    6 * N_vision * patches * tiles      + 12 * L_vis * d_vis * patches^2 * tiles
     projector 6 * N_proj * image_tokens_per_tile * tiles
-The attention term uses the padded row length (an upper bound for packed rows, whose samples only attend within
-themselves). Embedding lookups are free; the LM head counts as a matmul (it is in N_text when untied, and added
-explicitly when tied).
+These are the FLOPs the model needs for the batch's samples: padding is not counted, and causal attention counts
+pairs within each packed sample i of length L_i only (packed samples never attend to each other; the collator's
+`stats["sum_sq_sample_lengths"]`). Stats without that sum fall back to attention over whole rows (rows * T^2), an
+upper bound. The trainer's logged MFU and bench/gpu_suite.py's use this one function; on the H200 the old
+whole-row, padding-included count read 7% above (BENCHMARKS.md). Embedding lookups are free; the LM head counts as a
+matmul (it is in N_text when untied, and added explicitly when tied).
 """
 
 from __future__ import annotations
@@ -50,9 +53,9 @@ def estimate_flops(config, stats: dict) -> float:
     n_text, n_vis, n_proj, patches = _sizes(config)
     text, vision = config.text_config, config.vision_config
     rows, row_len = stats.get("num_rows", 0), stats.get("row_length", 0)
-    tokens = stats.get("num_real_tokens", 0) + stats.get("num_pad_tokens", 0)
+    pairs = stats.get("sum_sq_sample_lengths", rows * row_len**2)  # sum of L_i^2: causal pairs * 2
     tiles = stats.get("num_tiles", 0)
-    flops = 6 * n_text * tokens + 6 * text.num_hidden_layers * text.hidden_size * rows * row_len**2
+    flops = 6 * n_text * stats.get("num_real_tokens", 0) + 6 * text.num_hidden_layers * text.hidden_size * pairs
     flops += 6 * n_vis * patches * tiles + 12 * vision.num_hidden_layers * vision.hidden_size * patches**2 * tiles
     flops += 6 * n_proj * config.image_seq_len * tiles
     return float(flops)
@@ -61,7 +64,7 @@ def estimate_flops(config, stats: dict) -> float:
 def pack_flops(config, tokens: int, tiles: int) -> float:
     """Training FLOPs of one pack of `tokens` tokens and `tiles` image tiles (a one-row batch): the cost that
     `PackedDataset(pack_cost=functools.partial(pack_flops, config))` balances batches by."""
-    stats = {"num_rows": 1, "row_length": tokens, "num_real_tokens": tokens, "num_tiles": tiles}
+    stats = {"num_rows": 1, "row_length": tokens, "num_real_tokens": tokens, "num_tiles": tiles}  # whole-pack attention
     return estimate_flops(config, stats)
 
 
