@@ -16,14 +16,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModel, AutoProcessor, AutoTokenizer, PreTrainedTokenizerFast
 
-from nanovlm.cli.convert import (
-    StateDictMismatchError,
-    convert_checkpoint,
-    convert_state_dict,
-    main,
-    rope_inv_freq,
-    supports_exact_global_view,
-)
+from nanovlm.cli.convert import convert_checkpoint, main, supports_exact_global_view
+from nanovlm.cli.convert_weights import StateDictMismatchError, convert_state_dict, rope_inv_freq
 
 GRID = 2  # tile tokens r1c1..r2c2, images up to 2x2 tiles
 NANOVLM_CHAT_TEMPLATE = (  # nanoVLM's VLMConfig.lm_chat_template

@@ -7,28 +7,9 @@ An original checkpoint is a folder (or hub id) holding `config.json`, the flat `
 and `model.safetensors`. The output is a `NanoVLMForConditionalGeneration` plus a processor that reproduces nanoVLM's
 preprocessing, loadable anywhere with `AutoModel/AutoProcessor.from_pretrained(..., trust_remote_code=True)`.
 
-Weights (nanoVLM key -> nanovlm key; i = block index):
-    vision_encoder.patch_embedding.conv.{weight,bias}   model.vision_tower.embeddings.patch_embedding.*
-    vision_encoder.patch_embedding.position_embedding   model.vision_tower.embeddings.position_embedding.weight
-                                                        ((1, N, D) -> (N, D))
-    vision_encoder.blocks.i.ln1 / ln2                   ...encoder.layers.i.layer_norm1 / layer_norm2
-    vision_encoder.blocks.i.attn.qkv_proj               ...encoder.layers.i.self_attn.{q,k,v}_proj: the fused
-                                                        (3D, D) weight and (3D,) bias split in thirds, q then k then v
-    vision_encoder.blocks.i.attn.out_proj, mlp.fc1/fc2  ...self_attn.out_proj, mlp.fc1/fc2
-    vision_encoder.layer_norm                           model.vision_tower.post_layernorm
-    MP.proj.weight                                      model.multi_modal_projector.proj.weight (same pixel-shuffle
-                                                        channel order, so the matrix loads unchanged)
-    decoder.token_embedding.weight                      model.language_model.embed_tokens.weight
-    decoder.blocks.i.attn.{q,k,v,out}_proj              ...layers.i.self_attn.{q,k,v,o}_proj
-    decoder.blocks.i.mlp.{gate,up,down}_proj            ...layers.i.mlp.*
-    decoder.blocks.i.norm1 / norm2                      ...layers.i.input_layernorm / post_attention_layernorm
-    decoder.norm.weight                                 model.language_model.norm.weight
-    decoder.head.weight                                 lm_head.weight; with `lm_tie_weights` safetensors keeps only
-                                                        one of the tied pair (`decoder.head.weight`), which then
-                                                        fills the embeddings too
-    decoder.rotary_embd.inv_freq                        checked against `lm_re_base`, then dropped (a buffer)
-
-Every source key must be consumed and every target parameter filled, else a `StateDictMismatchError` lists both.
+This module reads and checks the checkpoint, converts the config, tokenizer and processor, and saves the result; the
+weight mapping (the nanoVLM key -> nanovlm key table, every source key consumed and every target parameter filled,
+else a `StateDictMismatchError` lists both) lives in `nanovlm/cli/convert_weights.py`.
 
 Where nanoVLM's own code differs from the transformers modules used here:
 - RMSNorm: nanoVLM computes `x * rsqrt(mean(x^2) + eps) * w` in the input dtype; Llama's RMSNorm upcasts to fp32 and
@@ -68,6 +49,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer
 
+from nanovlm.cli.convert_weights import convert_state_dict, load_into_model, preview
 from nanovlm.configuration_nanovlm import NanoVLMConfig
 from nanovlm.devices import DTYPES
 from nanovlm.image_processing_nanovlm import NanoVLMImageProcessor
@@ -102,31 +84,6 @@ DEFAULT_FIELDS = {
     "resize_to_max_side_len": True,
 }
 _TILE_KEY = re.compile(r"^r(\d+)c(\d+)$")
-
-
-class StateDictMismatchError(ValueError):
-    """The checkpoint's tensors do not match what its config.json describes (missing or unconsumed keys)."""
-
-    def __init__(self, missing: Sequence[str], unexpected: Sequence[str], context: str = ""):
-        self.missing = sorted(missing)
-        self.unexpected = sorted(unexpected)
-        parts = []
-        if self.missing:
-            parts.append(f"missing keys ({len(self.missing)}): {_preview(self.missing)}")
-        if self.unexpected:
-            parts.append(f"unconsumed keys ({len(self.unexpected)}): {_preview(self.unexpected)}")
-        super().__init__(
-            "The nanoVLM checkpoint does not match its config.json"
-            + (f" ({context})" if context else "")
-            + ": "
-            + "; ".join(parts)
-            + ". Check that config.json belongs to these weights (block counts, lm_tie_weights)."
-        )
-
-
-def _preview(keys: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 # ---- reading the original checkpoint ---------------------------------------------------------------------------------
@@ -219,7 +176,7 @@ def load_original_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tenso
         raise ValueError(f"{file} is not a readable safetensors file ({err}); re-download or re-save it.") from err
 
 
-# ---- config and weights ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 def convert_config(cfg: Mapping, tokenizer=None) -> NanoVLMConfig:
     """The NanoVLMConfig of an original VLMConfig dict; `tokenizer` (the converted one) supplies the token ids."""
     head_dim = cfg["lm_hidden_dim"] // cfg["lm_n_heads"]
@@ -267,127 +224,6 @@ def convert_config(cfg: Mapping, tokenizer=None) -> NanoVLMConfig:
         image_token_id=image_token_id,
         tie_word_embeddings=bool(cfg["lm_tie_weights"]),
     )
-
-
-def rope_inv_freq(base: float, head_dim: int) -> torch.Tensor:
-    """RoPE inverse frequencies as both nanoVLM and Llama compute them: base^(-2i/d)."""
-    return 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
-
-
-def convert_state_dict(state: Mapping[str, torch.Tensor], cfg: Mapping) -> dict[str, torch.Tensor]:
-    """Map an original nanoVLM state dict onto nanovlm parameter names (see the module docstring).
-
-    Raises StateDictMismatchError listing every missing and every unconsumed key, and ValueError for tensors whose
-    content contradicts the config (fused qkv not divisible by 3, untied head/embeddings under lm_tie_weights, RoPE
-    frequencies that disagree with lm_re_base).
-    """
-    remaining = dict(state)
-    missing: list[str] = []
-    out: dict[str, torch.Tensor] = {}
-
-    def take(key: str, optional: bool = False) -> torch.Tensor | None:
-        if key in remaining:
-            return remaining.pop(key)
-        if not optional:
-            missing.append(key)
-        return None
-
-    def move(src: str, dst: str) -> None:
-        tensor = take(src)
-        if tensor is not None:
-            out[dst] = tensor
-
-    vt, vs = "model.vision_tower.", "vision_encoder."
-    for name in ("weight", "bias"):
-        move(f"{vs}patch_embedding.conv.{name}", f"{vt}embeddings.patch_embedding.{name}")
-        move(f"{vs}layer_norm.{name}", f"{vt}post_layernorm.{name}")
-    pos = take(f"{vs}patch_embedding.position_embedding")
-    if pos is not None:
-        out[f"{vt}embeddings.position_embedding.weight"] = pos.reshape(pos.shape[-2], pos.shape[-1])  # (1,N,D)->(N,D)
-    for i in range(cfg["vit_n_blocks"]):
-        src, dst = f"{vs}blocks.{i}.", f"{vt}encoder.layers.{i}."
-        for name in ("weight", "bias"):
-            move(f"{src}ln1.{name}", f"{dst}layer_norm1.{name}")
-            move(f"{src}ln2.{name}", f"{dst}layer_norm2.{name}")
-            move(f"{src}attn.out_proj.{name}", f"{dst}self_attn.out_proj.{name}")
-            move(f"{src}mlp.fc1.{name}", f"{dst}mlp.fc1.{name}")
-            move(f"{src}mlp.fc2.{name}", f"{dst}mlp.fc2.{name}")
-            fused = take(f"{src}attn.qkv_proj.{name}")
-            if fused is not None:
-                if fused.shape[0] % 3:
-                    raise ValueError(f"{src}attn.qkv_proj.{name} has {fused.shape[0]} rows, not divisible by 3 (q, k, v).")
-                # nanoVLM: q, k, v = qkv_proj(x).split(C, dim=-1): the rows are [q; k; v].
-                for part, chunk in zip(("q", "k", "v"), fused.chunk(3, dim=0)):
-                    out[f"{dst}self_attn.{part}_proj.{name}"] = chunk.clone()
-
-    move("MP.proj.weight", "model.multi_modal_projector.proj.weight")
-
-    lm, ds = "model.language_model.", "decoder."
-    move(f"{ds}norm.weight", f"{lm}norm.weight")
-    for i in range(cfg["lm_n_blocks"]):
-        src, dst = f"{ds}blocks.{i}.", f"{lm}layers.{i}."
-        for a, b in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("out_proj", "o_proj")):
-            move(f"{src}attn.{a}.weight", f"{dst}self_attn.{b}.weight")
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            move(f"{src}mlp.{name}.weight", f"{dst}mlp.{name}.weight")
-        move(f"{src}norm1.weight", f"{dst}input_layernorm.weight")
-        move(f"{src}norm2.weight", f"{dst}post_attention_layernorm.weight")
-
-    if cfg["lm_tie_weights"]:
-        # safetensors stores one tensor of a tied pair (nanoVLM's save_model keeps `decoder.head.weight`).
-        head, embed = take(f"{ds}head.weight", optional=True), take(f"{ds}token_embedding.weight", optional=True)
-        if head is not None and embed is not None and not torch.equal(head, embed):
-            raise ValueError(
-                "lm_tie_weights=true but decoder.head.weight differs from decoder.token_embedding.weight; set "
-                "lm_tie_weights to false in config.json if the checkpoint really has an untied head."
-            )
-        shared = embed if embed is not None else head
-        if shared is None:
-            missing.append(f"{ds}head.weight (or {ds}token_embedding.weight)")
-        else:
-            out[f"{lm}embed_tokens.weight"] = shared
-            out["lm_head.weight"] = shared
-    else:
-        move(f"{ds}token_embedding.weight", f"{lm}embed_tokens.weight")
-        move(f"{ds}head.weight", "lm_head.weight")
-
-    inv_freq = take(f"{ds}rotary_embd.inv_freq", optional=True)
-    if inv_freq is not None:
-        expected = rope_inv_freq(cfg["lm_re_base"], cfg["lm_hidden_dim"] // cfg["lm_n_heads"])
-        rtol = 1e-5 if inv_freq.dtype == torch.float32 else 1e-2  # a bf16/fp16 buffer holds rounded frequencies
-        if inv_freq.shape != expected.shape or not torch.allclose(inv_freq.float(), expected, rtol=rtol, atol=0):
-            raise ValueError(
-                f"decoder.rotary_embd.inv_freq does not match lm_re_base={cfg['lm_re_base']} and head_dim "
-                f"{cfg['lm_hidden_dim'] // cfg['lm_n_heads']}; fix lm_re_base in config.json."
-            )
-        if inv_freq.dtype != torch.float32:
-            logger.warning(
-                "decoder.rotary_embd.inv_freq is stored in %s: nanoVLM would rotate with these rounded frequencies, "
-                "the converted model recomputes them in float32 (logits differ slightly).", inv_freq.dtype
-            )
-
-    if missing or remaining:
-        raise StateDictMismatchError(
-            missing, list(remaining), context=f"vit_n_blocks={cfg['vit_n_blocks']}, lm_n_blocks={cfg['lm_n_blocks']}"
-        )
-    return out
-
-
-def load_into_model(model: NanoVLMForConditionalGeneration, converted: Mapping[str, torch.Tensor]) -> None:
-    """Copy converted tensors into `model`, checking names and shapes against its state dict first."""
-    target = model.state_dict()
-    missing = [k for k in target if k not in converted]
-    unexpected = [k for k in converted if k not in target]
-    if missing or unexpected:
-        raise StateDictMismatchError(missing, unexpected, context="after renaming, against the nanovlm model")
-    wrong = [f"{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(target[k].shape)}"
-             for k in target if converted[k].shape != target[k].shape]
-    if wrong:
-        raise ValueError(
-            f"Tensor shapes disagree with config.json ({len(wrong)}): {_preview(wrong, 5)}. Check the vit_*/lm_* "
-            "sizes and lm_vocab_size in config.json."
-        )
-    model.load_state_dict(dict(converted), strict=True)
 
 
 # ---- tokenizer and processor ----------------------------------------------------------------------------------------
@@ -441,7 +277,7 @@ def build_tokenizer(cfg: Mapping, tokenizer: str | os.PathLike | None = None):
             differ.append(f"{key}: nanovlm {names[key]}={a}, nanoVLM {value}={b}")
     if differ:
         raise ValueError(
-            f"The converted tokenizer gives nanoVLM's extra tokens other ids ({len(differ)}): {_preview(differ, 4)}. "
+            f"The converted tokenizer gives nanoVLM's extra tokens other ids ({len(differ)}): {preview(differ, 4)}. "
             "vlm_extra_tokens must list image_token, global_image_token, then r1c1..rGcG row by row (nanoVLM's order)."
         )
     if len(ours) > cfg["lm_vocab_size"]:
@@ -598,15 +434,11 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "StateDictMismatchError",
     "build_converted_processor",
     "build_tokenizer",
     "convert_checkpoint",
     "convert_config",
-    "convert_state_dict",
-    "load_into_model",
     "main",
     "read_original_config",
     "resolve_checkpoint",
-    "rope_inv_freq",
 ]
