@@ -391,7 +391,7 @@ def test_training_arguments_resolution(tmp_path, caplog):
     args = NanoVLMTrainingArguments(output_dir=str(tmp_path), eval_interval=40, eval_steps=20, compile=True)
     assert (args.eval_steps, args.save_steps, args.lmms_eval_interval) == (20, 20, 80)
     assert args.torch_compile is True
-    with caplog.at_level("WARNING", logger="nanovlm.training.arguments"):
+    with caplog.at_level("WARNING", logger="nanovlm.training.training_arguments"):
         args = NanoVLMTrainingArguments(
             output_dir=str(tmp_path), learning_rate=1.0, warmup_steps=0.1, lr_scheduler_kwargs='{"min_lr_rate": 0}'
         )

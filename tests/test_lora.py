@@ -22,7 +22,6 @@ from training_helpers import (
 from transformers import AutoModel, AutoProcessor
 
 from nanovlm import NanoVLMForConditionalGeneration
-from nanovlm.training.build import _synthetic_request
 from nanovlm.training.lora import apply_lora, language_model_target_regex, merge_lora_checkpoint
 from nanovlm.training.optim import part_of
 from nanovlm.training.parser import parse_args
@@ -209,7 +208,7 @@ def test_lora_recipe_reuses_the_demo_data():
     _, demo_data, demo_args = parse_args(["--config", str(REPO / "configs/train/demo.yaml")])
     _, lora_data, lora_args = parse_args(["--config", str(REPO / "configs/train/lora.yaml")])
     assert lora_data.dataset_name_or_path == demo_data.dataset_name_or_path
-    assert _synthetic_request(lora_data, lora_args) == _synthetic_request(demo_data, demo_args)
+    assert lora_data.synthetic_settings(lora_args.seed) == demo_data.synthetic_settings(demo_args.seed)
 
 
 def test_lora_recipe_after_the_demo_through_the_entry_point(tmp_path):

@@ -346,7 +346,7 @@ def test_build_writes_save_to_disk_and_parquet_that_round_trip(tmp_path) -> None
     import datasets
 
     out = tmp_path / "synthetic"
-    built = syn.build_synthetic_dataset(out, 20, 6, 6, seed=4, low_rating_fraction=0.5)
+    built = syn.build_synthetic_dataset(out, syn.SyntheticSettings(20, 6, 6, seed=4, low_rating_fraction=0.5))
     assert {s: len(d) for s, d in built.items()} == {"train": 20, "validation": 6, "test": 6}
     assert built["train"].features == syn.synthetic_features()
     # Validation and test have no low-rated turns by default.
@@ -376,16 +376,16 @@ def test_build_writes_save_to_disk_and_parquet_that_round_trip(tmp_path) -> None
     assert decoded.size == (64, 64) and decoded.convert("RGB").tobytes() == sample["images"][0].tobytes()
     assert json.loads((out / "synthetic_config.json").read_text())["seed"] == 4
     # Rebuilding with fewer splits removes the earlier build's files for the dropped split.
-    syn.build_synthetic_dataset(out, 4, 0, 2, seed=4)
+    syn.build_synthetic_dataset(out, syn.SyntheticSettings(4, 0, 2, seed=4))
     assert sorted(p.name for p in (out / "parquet").iterdir()) == ["test.parquet", "train.parquet"]
     assert not (out / "validation").exists()
     assert list(datasets.load_from_disk(str(out))) == ["train", "test"]
 
 
 def test_train_only_multi_turn_options_leave_validation_and_test_unchanged(tmp_path) -> None:
-    default = syn.build_synthetic_dataset(None, 40, 6, 12, seed=2)
+    default = syn.build_synthetic_dataset(None, syn.SyntheticSettings(40, 6, 12, seed=2))
     more = syn.build_synthetic_dataset(
-        tmp_path / "more", 40, 6, 12, seed=2, train_multi_turn_fraction=1.0, train_max_turns=4
+        tmp_path / "more", syn.SyntheticSettings(40, 6, 12, seed=2, train_multi_turn_fraction=1.0, train_max_turns=4)
     )
     for split in ("validation", "test"):  # the evaluation splits, and so the blind guess, do not move
         assert more[split]["texts"] == default[split]["texts"]
@@ -400,9 +400,9 @@ def test_train_only_multi_turn_options_leave_validation_and_test_unchanged(tmp_p
     assert (record["multi_turn_fraction"], record["max_turns"]) == (0.3, 3)
     assert (record["train_multi_turn_fraction"], record["train_max_turns"]) == (1.0, 4)
     with pytest.raises(ValueError, match=r"^train_max_turns must be an int >= 1, got 0$"):
-        syn.build_synthetic_dataset(None, 2, 0, 0, train_max_turns=0)
+        syn.build_synthetic_dataset(None, num_train=2, num_validation=0, num_test=0, train_max_turns=0)
     with pytest.raises(ValueError, match=r"^train_multi_turn_fraction must be a probability in \[0, 1\], got 1\.5$"):
-        syn.build_synthetic_dataset(None, 2, 0, 0, train_multi_turn_fraction=1.5)
+        syn.SyntheticSettings(2, 0, 0, train_multi_turn_fraction=1.5)
 
 
 def test_max_shapes_bounds_every_image_and_keeps_the_default_stream() -> None:
@@ -429,10 +429,9 @@ def test_max_shapes_bounds_every_image_and_keeps_the_default_stream() -> None:
 
 
 def test_simple_split_is_single_object_and_leaves_the_other_splits_unchanged(tmp_path) -> None:
-    default = syn.build_synthetic_dataset(None, 30, 6, 12, seed=3, train_multi_turn_fraction=1.0, train_max_turns=4)
-    data = syn.build_synthetic_dataset(
-        tmp_path / "simple", 30, 6, 12, seed=3, train_multi_turn_fraction=1.0, train_max_turns=4, num_train_simple=60
-    )
+    settings = syn.SyntheticSettings(30, 6, 12, seed=3, train_multi_turn_fraction=1.0, train_max_turns=4)
+    default = syn.build_synthetic_dataset(None, settings)
+    data = syn.build_synthetic_dataset(tmp_path / "simple", settings, num_train_simple=60)
     assert set(data) == {"train", "validation", "test", syn.SIMPLE_SPLIT}
     for split in ("train", "validation", "test"):
         assert data[split]["texts"] == default[split]["texts"]
@@ -446,7 +445,7 @@ def test_simple_split_is_single_object_and_leaves_the_other_splits_unchanged(tmp
     assert scoring.blind_guess_accuracy(data) == scoring.blind_guess_accuracy(default)
     record = json.loads((tmp_path / "simple" / "synthetic_config.json").read_text())
     assert record[syn.SIMPLE_SPLIT] == 60 and record["max_shapes"] == 4
-    reloaded = syn.build_synthetic_dataset(tmp_path / "simple", 30, 6, 12, seed=3)  # rebuilt without it
+    reloaded = syn.build_synthetic_dataset(tmp_path / "simple", syn.SyntheticSettings(30, 6, 12, seed=3))  # rebuilt without it
     assert syn.SIMPLE_SPLIT not in reloaded and not (tmp_path / "simple" / syn.SIMPLE_SPLIT).exists()
     assert not (tmp_path / "simple" / "parquet" / f"{syn.SIMPLE_SPLIT}.parquet").exists()
 
@@ -469,6 +468,32 @@ def test_cli_builds_and_reports_blind_guess(tmp_path, capsys) -> None:
     assert exit_info.value.code == 0
     with pytest.raises(SystemExit):
         cli.main(["--output_dir", str(out), "--image_size", "big"])
+
+
+def test_one_settings_dataclass_feeds_the_cli_the_recipe_and_the_record(tmp_path) -> None:
+    import dataclasses
+
+    from nanovlm.training import ArgumentsError, parse_args
+
+    names = {f.name for f in dataclasses.fields(syn.SyntheticSettings)}
+    options = {action.dest for action in cli.build_arg_parser()._actions}
+    assert options - {"help", "output_dir", "no_parquet", "overwrite"} == names
+    argv = ["--output_dir", str(tmp_path / "run"), "--seed", "7", "--synthetic_num_test", "9"]
+    _, data_args, training_args = parse_args([*argv, "--synthetic_image_size", "48"])
+    settings = data_args.synthetic_settings(training_args.seed)
+    assert (settings.seed, settings.num_test, settings.image_size, settings.num_validation) == (7, 9, 48, 200)
+    record = settings.record()
+    assert (record["seed"], record["test"], record["image_size"], record["train_max_turns"]) == (7, 9, [48, 48], 3)
+    assert settings.differences(record) == []
+    built = {**record, "test": 3, "max_turns": 2}
+    assert settings.differences(built) == ["--num_test: requested 9, built 3", "--max_turns: requested 3, built 2"]
+    # the recipe compares only the settings it has flags for, under their flag names
+    assert settings.differences(built, {"num_test": "synthetic_num_test"}) == [
+        "--synthetic_num_test: requested 9, built 3"
+    ]
+    # the recipe's bound is the generator's smallest image side
+    with pytest.raises(ArgumentsError, match=r"--synthetic_image_size must be an integer >= 32: got 20"):
+        parse_args([*argv, "--synthetic_image_size", "20"])
 
 
 def _files(folder: Path) -> dict[str, int]:

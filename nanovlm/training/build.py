@@ -26,80 +26,36 @@ from ..data.sources import load_finevision, shard_for_rank, shuffle_dataset, spl
 from ..modeling_nanovlm import NanoVLMForConditionalGeneration
 from ..processing_nanovlm import NanoVLMProcessor
 from ..tokenizer import extend_tokenizer, train_tokenizer
-from .arguments import RATING_FIELDS
+from .arguments import RATING_FIELDS, SYNTHETIC_FLAGS
 from .errors import UsageError
 from .flops import pack_flops
 
 logger = logging.getLogger(__name__)
 
 
-# synthetic_config.json key -> the flag that sets it
-_SYNTHETIC_FLAGS = {
-    "seed": "seed",
-    "train": "synthetic_num_train",
-    "validation": "synthetic_num_validation",
-    "test": "synthetic_num_test",
-    "train_simple": "synthetic_num_train_simple",
-    "image_size": "synthetic_image_size",
-    "train_multi_turn_fraction": "synthetic_train_multi_turn_fraction",
-    "train_max_turns": "synthetic_train_max_turns",
-}
-
-
-def _synthetic_request(data_args, training_args) -> dict:
-    """The settings `prepare_synthetic_dataset` builds with, keyed as `synthetic_config.json` records them."""
-    return {
-        "seed": training_args.seed,
-        "train": data_args.synthetic_num_train,
-        "validation": data_args.synthetic_num_validation,
-        "test": data_args.synthetic_num_test,
-        "train_simple": data_args.synthetic_num_train_simple,
-        "image_size": [data_args.synthetic_image_size] * 2,
-        "train_multi_turn_fraction": data_args.synthetic_train_multi_turn_fraction,
-        "train_max_turns": data_args.synthetic_train_max_turns,
-    }
-
-
-def _check_existing_synthetic(path: Path, data_args, training_args) -> None:
-    """An existing synthetic dataset built with other settings is an error, not silently reused."""
-    from ..data.synthetic import recorded_settings, settings_differences
-
-    built = recorded_settings(path)
-    if built is None:  # not built by us: use it as given
-        return
-    differences = settings_differences(built, _synthetic_request(data_args, training_args), _SYNTHETIC_FLAGS)
-    if differences:
-        raise UsageError(
-            f"The synthetic dataset in {path} was built with other settings ({'; '.join(differences)}). Delete the "
-            "folder to rebuild it, or point --dataset_name_or_path at a new folder."
-        )
-
-
 def prepare_synthetic_dataset(data_args, training_args) -> None:
-    """Build the synthetic dataset at `dataset_name_or_path` if asked and not there yet (main process first); an
-    existing one must have been built with the requested settings."""
-    path = Path(data_args.dataset_name_or_path)
+    """With `--synthetic_dataset true`, build the synthetic dataset at `dataset_name_or_path` if it is not there yet
+    (main process first). An existing one built with other `--synthetic_*` settings or `--seed` is an error, not
+    silently reused; a folder without the settings record (not built by us) is used as given."""
+    from ..data.synthetic import build_synthetic_dataset, recorded_settings
+
     if not data_args.synthetic_dataset:
         return
+    path = Path(data_args.dataset_name_or_path)
+    settings = data_args.synthetic_settings(training_args.seed)
     if path.exists():
-        _check_existing_synthetic(path, data_args, training_args)
+        built = recorded_settings(path)
+        differences = [] if built is None else settings.differences(built, SYNTHETIC_FLAGS)
+        if differences:
+            raise UsageError(
+                f"The synthetic dataset in {path} was built with other settings ({'; '.join(differences)}). Delete "
+                "the folder to rebuild it, or point --dataset_name_or_path at a new folder."
+            )
         return
-    from ..data.synthetic import build_synthetic_dataset
-
     with training_args.main_process_first(desc="building the synthetic dataset"):
         if not path.exists():
             logger.info("Building the synthetic dataset in %s", path)
-            build_synthetic_dataset(
-                path,
-                num_train=data_args.synthetic_num_train,
-                num_validation=data_args.synthetic_num_validation,
-                num_test=data_args.synthetic_num_test,
-                seed=training_args.seed,
-                image_size=data_args.synthetic_image_size,
-                train_multi_turn_fraction=data_args.synthetic_train_multi_turn_fraction,
-                train_max_turns=data_args.synthetic_train_max_turns,
-                num_train_simple=data_args.synthetic_num_train_simple,
-            )
+            build_synthetic_dataset(path, settings)
 
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "name" or "org/name", as the Hub spells dataset ids

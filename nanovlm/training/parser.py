@@ -21,6 +21,7 @@ list-valued fields lists. Unlike plain `HfArgumentParser`:
 """
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import logging
@@ -36,6 +37,7 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from .arguments import ArgumentsError, DataArguments, ModelArguments, NanoVLMTrainingArguments
+from .checks import RULE_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,15 @@ class NanoVLMArgumentParser(HfArgumentParser):
         self._actions_by_dest = {
             a.dest: a for a in self._actions if a.dest in self.field_types and f"--{a.dest}" in a.option_strings
         }
+
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+        """HfArgumentParser's, without the metadata keys that declare bounds (`checks.RULE_KEYS`): it passes a
+        field's whole metadata to `add_argument`, which refuses keys it does not know."""
+        if RULE_KEYS & set(field.metadata):
+            field = copy.copy(field)
+            field.metadata = types.MappingProxyType({k: v for k, v in field.metadata.items() if k not in RULE_KEYS})
+        HfArgumentParser._parse_dataclass_field(parser, field)
 
     def error(self, message: str) -> typing.NoReturn:
         """Raise instead of argparse's print-usage-and-exit."""

@@ -29,20 +29,17 @@ splits come from disjoint seed streams.
     python -m nanovlm.data.synthetic --output_dir data/synthetic --num_train 4000
 
 Modules: `scenes` (what is drawn and how it is rendered), `questions` (`SyntheticConfig`, the question generators
-and `generate_sample`), `dataset` (splits, save/load, the settings record), `cli` (the command above). Scoring
-answers and the blind guess live in `nanovlm.evaluation.scoring`.
+and `generate_sample`), `settings` (`SyntheticSettings`: what a dataset is built from, and its record), `dataset`
+(splits, save/load), `cli` (the command above). Scoring answers and the blind guess live in
+`nanovlm.evaluation.scoring`.
 """
 
 from .dataset import (
     SETTINGS_FILE,
-    SIMPLE_SPLIT,
-    SIMPLE_TYPE_WEIGHTS,
     SPLITS,
     build_synthetic_dataset,
     generate_split,
     recorded_settings,
-    settings_differences,
-    simple_config,
     synthetic_features,
 )
 from .questions import (
@@ -70,6 +67,7 @@ from .scenes import (
     render_scene,
     side_of,
 )
+from .settings import SIMPLE_SPLIT, SIMPLE_TYPE_WEIGHTS, SyntheticSettings, simple_config
 
 __all__ = [
     "ANSWER_SETS",
@@ -90,6 +88,7 @@ __all__ = [
     "Scene",
     "Shape",
     "SyntheticConfig",
+    "SyntheticSettings",
     "Text",
     "build_synthetic_dataset",
     "describe",
@@ -99,7 +98,6 @@ __all__ = [
     "recorded_settings",
     "render_scene",
     "sample_rng",
-    "settings_differences",
     "side_of",
     "simple_config",
     "synthetic_features",

@@ -12,13 +12,14 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from .questions import RATING_COLUMNS, SyntheticConfig, iter_samples
+from .settings import SIMPLE_SPLIT, SyntheticSettings
 
 if TYPE_CHECKING:  # imported lazily at run time: rendering samples needs only PIL
     import datasets
@@ -26,9 +27,6 @@ if TYPE_CHECKING:  # imported lazily at run time: rendering samples needs only P
 logger = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
-# A curriculum split of single-object scenes (see `build_synthetic_dataset(num_train_simple=...)`).
-SIMPLE_SPLIT = "train_simple"
-SIMPLE_TYPE_WEIGHTS: dict[str, float] = {"color": 1.0, "count": 1.0, "position": 1.0}
 
 
 def synthetic_features() -> datasets.Features:
@@ -73,64 +71,9 @@ def generate_split(
 SETTINGS_FILE = "synthetic_config.json"  # the settings a dataset folder was built with
 
 
-def simple_config(train_config: SyntheticConfig) -> SyntheticConfig:
-    """The `train_simple` split's config: the train split's settings with one shape per image and colour, count
-    and position questions in equal shares."""
-    return replace(train_config, max_shapes=1, type_weights=SIMPLE_TYPE_WEIGHTS)
-
-
-def _settings(
-    num_train: int, num_validation: int, num_test: int, seed: int, image_size: int | tuple[int, int],
-    type_weights: Mapping[str, float] | None, multi_turn_fraction: float, max_turns: int, low_rating_fraction: float,
-    eval_low_rating_fraction: float, corrupt_low_rated_answers: bool, train_multi_turn_fraction: float | None,
-    train_max_turns: int | None, num_train_simple: int,
-) -> tuple[dict[str, int], dict[str, SyntheticConfig], dict[str, Any]]:
-    """(samples per split, config per split, the settings record `synthetic_config.json` holds, as JSON reads it
-    back) for `build_synthetic_dataset`'s arguments; raises ValueError naming a bad one."""
-    counts = {"train": num_train, "validation": num_validation, "test": num_test, SIMPLE_SPLIT: num_train_simple}
-    for split, n in counts.items():
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"num_{split} must be a non-negative int, got {n!r}")
-    if sum(counts.values()) == 0:
-        raise ValueError("num_train, num_validation and num_test are all 0; ask for at least one sample")
-    train_config = SyntheticConfig(
-        image_size=image_size if isinstance(image_size, int) else tuple(image_size),
-        type_weights=type_weights,
-        multi_turn_fraction=multi_turn_fraction,
-        max_turns=max_turns,
-        low_rating_fraction=low_rating_fraction,
-        corrupt_low_rated_answers=corrupt_low_rated_answers,
-    )
-    eval_config = replace(train_config, low_rating_fraction=eval_low_rating_fraction)
-    try:
-        train_config = replace(
-            train_config,
-            multi_turn_fraction=multi_turn_fraction if train_multi_turn_fraction is None else train_multi_turn_fraction,
-            max_turns=max_turns if train_max_turns is None else train_max_turns,
-        )
-    except ValueError as error:  # name the train-only option the user gave
-        raise ValueError(f"train_{error}") from None
-    configs = {
-        "train": train_config,
-        "validation": eval_config,
-        "test": eval_config,
-        SIMPLE_SPLIT: simple_config(train_config),
-    }
-    record = {
-        "seed": seed,
-        **counts,
-        **asdict(eval_config),
-        "low_rating_fraction": train_config.low_rating_fraction,
-        "eval_low_rating_fraction": eval_low_rating_fraction,
-        "train_multi_turn_fraction": train_config.multi_turn_fraction,
-        "train_max_turns": train_config.max_turns,
-    }
-    return counts, configs, json.loads(json.dumps(record))
-
-
 def recorded_settings(path: str | Path) -> dict[str, Any] | None:
-    """The settings a synthetic dataset folder was built with (its `synthetic_config.json`), or None when the
-    folder has none (not built by `build_synthetic_dataset`)."""
+    """The settings a synthetic dataset folder was built with (its `synthetic_config.json`, see
+    `SyntheticSettings.record`), or None when the folder has none (not built by `build_synthetic_dataset`)."""
     record_file = Path(path) / SETTINGS_FILE
     if not record_file.is_file():
         return None
@@ -139,84 +82,45 @@ def recorded_settings(path: str | Path) -> dict[str, Any] | None:
     return record
 
 
-def settings_differences(
-    built: Mapping[str, Any], requested: Mapping[str, Any], flags: Mapping[str, str]
-) -> list[str]:
-    """One "--flag: requested X, built Y" per setting of `requested` that the `built` record holds differently
-    (keys as `synthetic_config.json` names them; `flags` maps each to the option that sets it)."""
-    requested = json.loads(json.dumps(requested))  # tuples -> lists, as the record reads back
-    return [
-        f"--{flags.get(key, key)}: requested {value!r}, built {built.get(key)!r}"
-        for key, value in requested.items()
-        if built.get(key) != value
-    ]
-
-
-# Over 60 lines only through its signature and docstring (one keyword per generator setting); the body is short.
 def build_synthetic_dataset(
     output_dir: str | Path | None,
-    num_train: int,
-    num_validation: int,
-    num_test: int,
-    seed: int = 0,
-    image_size: int | tuple[int, int] = 64,
-    type_weights: Mapping[str, float] | None = None,
-    multi_turn_fraction: float = 0.3,
-    max_turns: int = 3,
-    low_rating_fraction: float = 0.05,
-    eval_low_rating_fraction: float = 0.0,
-    corrupt_low_rated_answers: bool = True,
+    settings: SyntheticSettings | None = None,
+    *,
     write_parquet: bool = True,
-    train_multi_turn_fraction: float | None = None,
-    train_max_turns: int | None = None,
-    num_train_simple: int = 0,
+    **fields: Any,
 ) -> datasets.DatasetDict:
-    """Build train/validation/test splits and write them to `output_dir`.
+    """Build the splits `settings` describes and write them to `output_dir`.
 
     Writes `save_to_disk(output_dir)` (read back with `datasets.load_from_disk`), `output_dir/parquet/{split}.parquet`
     (read back with `load_dataset("parquet", data_files=...)`; images decode as PIL) and
-    `output_dir/synthetic_config.json` (the arguments, for reproducing the data). `output_dir=None` writes nothing.
+    `output_dir/synthetic_config.json` (the settings, for reproducing the data). `output_dir=None` writes nothing.
 
     Args:
         output_dir: destination folder, or None to only return the data.
-        num_train, num_validation, num_test: samples per split (a split with 0 samples is left out).
-        seed: dataset seed; the three splits are disjoint streams of it.
-        image_size: side of square images, or (width, height).
-        type_weights, multi_turn_fraction, max_turns, corrupt_low_rated_answers: see `SyntheticConfig`.
-        low_rating_fraction: fraction of low-rated turns in the train split.
-        eval_low_rating_fraction: the same for validation and test (0 keeps evaluation references all correct).
+        settings: what to build (see `SyntheticSettings`); None: its defaults.
         write_parquet: also write the parquet copies.
-        train_multi_turn_fraction, train_max_turns: `multi_turn_fraction` and `max_turns` for the train split only
-            (None: the same as the other splits). More follow-up turns per training image give more supervised
-            answers per image encoded, while validation and test keep the standard mix that the blind guess is
-            measured on.
-        num_train_simple: also write a `train_simple` split of this many single-object rows (`max_shapes=1`,
-            colour, count and position questions in equal shares, otherwise the train split's settings): a
-            curriculum to read before the train split (`--curriculum_split train_simple`). A tiny model trained
-            from scratch learns to read where a shape is from these; from the full mix alone it did not (see
-            BENCHMARKS.md, "Demo").
+        fields: `SyntheticSettings` fields that replace those of `settings`, e.g. `num_train=100, seed=3`.
 
     Returns:
-        The `datasets.DatasetDict` that was written.
+        The `datasets.DatasetDict` that was written. A split with 0 samples is left out. `num_train_simple` adds a
+        `train_simple` curriculum split: a tiny model trained from scratch learns to read where a shape is from these;
+        from the full mix alone it did not (see BENCHMARKS.md, "Demo").
     """
     import datasets
 
-    counts, configs, record = _settings(
-        num_train, num_validation, num_test, seed, image_size, type_weights, multi_turn_fraction, max_turns,
-        low_rating_fraction, eval_low_rating_fraction, corrupt_low_rated_answers, train_multi_turn_fraction,
-        train_max_turns, num_train_simple,
-    )
+    settings = replace(settings or SyntheticSettings(), **fields)
+    configs = settings.split_configs()
     splits = {}
-    for split, n in counts.items():
+    for split, n in settings.counts.items():
         if n == 0:
             continue
         start = time.perf_counter()
-        splits[split] = generate_split(n, split, seed, configs[split])
+        splits[split] = generate_split(n, split, settings.seed, configs[split])
         elapsed = time.perf_counter() - start
         logger.info("generated %d %s samples in %.2f s (%.0f samples/s)", n, split, elapsed, n / max(elapsed, 1e-9))
     dataset = datasets.DatasetDict(splits)
     if output_dir is not None:
-        _write_dataset(dataset, Path(output_dir), write_parquet, record)
+        _write_dataset(dataset, Path(output_dir), write_parquet, settings.record())
     return dataset
 
 
@@ -243,13 +147,9 @@ def _write_dataset(dataset: datasets.DatasetDict, out: Path, write_parquet: bool
 
 __all__ = [
     "SETTINGS_FILE",
-    "SIMPLE_SPLIT",
-    "SIMPLE_TYPE_WEIGHTS",
     "SPLITS",
     "build_synthetic_dataset",
     "generate_split",
     "recorded_settings",
-    "settings_differences",
-    "simple_config",
     "synthetic_features",
 ]
