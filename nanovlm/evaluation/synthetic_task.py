@@ -1,9 +1,9 @@
 """The lmms-eval tasks over the nanovlm synthetic dataset, read from local files (works offline).
 
-The task files are package data, `nanovlm/evaluation/tasks/nanovlm_synthetic/*.yaml`; their
-`!function` entries name this module, so a wheel install runs them. Give lmms-eval that folder
-(`nanovlm.evaluation.tasks.TASKS_DIR`) as an include path:
-`python -m nanovlm.evaluation.run` does, and `python -m nanovlm.evaluation.tasks` prints it for lmms-eval's own CLI.
+The task files are package data, `nanovlm/evaluation/tasks/nanovlm_synthetic/*.yaml`; their `!function` entries
+name this module, so a wheel install runs them. Give lmms-eval that folder (`nanovlm.evaluation.tasks.TASKS_DIR`) as
+an include path: `python -m nanovlm.evaluation.run` does, and `python -m nanovlm.evaluation.tasks` prints it for
+lmms-eval's own CLI.
 
 Data location: the task config's `dataset_path`, either a `save_to_disk` folder as written by
 `python -m nanovlm.data.synthetic --output_dir DIR` and by the demo (its `parquet/{split}.parquet` copy is used when
