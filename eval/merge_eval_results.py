@@ -1,80 +1,10 @@
-"""Merge the per-task partial result files of one step into one file.
+"""Kept for older commands: runs `python -m nanovlm.evaluation.merge_results` (see that module)."""
 
-    python eval/merge_eval_results.py --results_dir outputs/run/eval_results --global_step 400
-    # step_400_mmstar.json + step_400_mme.json (+ an existing step_400.json) -> step_400.json
-
-`eval/run_evaluation.py --partial` writes the partial files (`step_{N}_{tasks}.json`); the training job's
-lmms-eval callback waits for `step_{N}.json`. Results of all files are combined; a task that failed in one file and
-succeeded in another counts as succeeded. The partial files are deleted unless `--keep_partials`. Needs only the
-standard library, so it starts fast anywhere (a SLURM job's last line).
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
-import logging
-import os
 import sys
-from pathlib import Path
 
-logger = logging.getLogger("nanovlm.merge_eval_results")
+from nanovlm.evaluation.merge_results import main, merge_step_results
 
-
-def merge_step_results(results_dir: str | os.PathLike, step: int, keep_partials: bool = False) -> Path:
-    """Combine `step_{step}_*.json` (and `step_{step}.json` if present) into `step_{step}.json`; returns its path.
-
-    Raises FileNotFoundError when there is no partial file for the step.
-    """
-    results_dir = Path(results_dir)
-    partials = sorted(results_dir.glob(f"step_{step}_*.json"))
-    if not partials:
-        raise FileNotFoundError(
-            f"No partial result files step_{step}_*.json in {results_dir}; write them with "
-            "`eval/run_evaluation.py --partial`, or check --results_dir and --global_step."
-        )
-    target = results_dir / f"step_{step}.json"
-    merged = {"global_step": step, "checkpoint": None, "tasks": [], "results": {}, "failed_tasks": {}}
-    for path in ([target] if target.is_file() else []) + partials:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            logger.warning("skipping unreadable %s: %s", path, error)
-            continue
-        merged["checkpoint"] = merged["checkpoint"] or data.get("checkpoint")
-        merged["tasks"] += [t for t in data.get("tasks", []) if t not in merged["tasks"]]
-        merged["results"].update(data.get("results") or {})
-        merged["failed_tasks"].update(data.get("failed_tasks") or {})
-    ran = {t for t in merged["tasks"] if any(k.startswith(f"{t}_") for k in merged["results"])}
-    merged["failed_tasks"] = {t: e for t, e in merged["failed_tasks"].items() if t not in ran}
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, target)  # atomic: the training job never reads half a file
-    if not keep_partials:
-        for path in partials:
-            path.unlink(missing_ok=True)
-    logger.info("merged %d files into %s", len(partials), target)
-    return target
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="eval/merge_eval_results.py",
-        description="Merge step_{N}_*.json partial lmms-eval result files into step_{N}.json.",
-    )
-    parser.add_argument("--results_dir", required=True, help="folder holding the step_{N}_*.json files")
-    parser.add_argument("--global_step", type=int, required=True, help="the step N whose files to merge")
-    parser.add_argument("--keep_partials", action="store_true", help="keep the partial files after merging")
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        merge_step_results(args.results_dir, args.global_step, args.keep_partials)
-    except FileNotFoundError as error:
-        logger.error("%s", error)
-        return 1
-    return 0
-
+__all__ = ["main", "merge_step_results"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,9 +1,8 @@
 """Asynchronous checkpoint evaluation: the launchers (local process, SLURM through a fake `sbatch`), the results
-merge script, and LmmsEvalCallback end to end in a real NanoVLMTrainer run."""
+merge (nanovlm.evaluation.merge_results), and LmmsEvalCallback end to end in a real NanoVLMTrainer run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -18,8 +17,10 @@ import torch
 from training_helpers import make_trainer, packed_dataset, synthetic_rows, training_args
 from transformers import TrainerState
 
+from nanovlm.evaluation import merge_results as merge
 from nanovlm.evaluation.launcher import (
     DEFAULT_SLURM_TEMPLATE,
+    MERGE_RESULTS_FILE,
     LocalEvalLauncher,
     SlurmEvalLauncher,
     render_template,
@@ -27,21 +28,11 @@ from nanovlm.evaluation.launcher import (
 )
 from nanovlm.training.callbacks import LmmsEvalCallback
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
-def load_merge_script():
-    spec = importlib.util.spec_from_file_location("merge_eval_results", ROOT / "eval" / "merge_eval_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def fake_script(tmp_path: Path, body: str) -> Path:
-    """A stand-in for eval/run_evaluation.py (same arguments) that starts in milliseconds."""
+    """A stand-in for `python -m nanovlm.evaluation.run` (same arguments) that starts in milliseconds."""
     path = tmp_path / "fake_eval.py"
     path.write_text(
         textwrap.dedent(
@@ -78,7 +69,6 @@ def main_process_state(step: int) -> TrainerState:
 
 
 def test_merge_combines_partial_files_of_one_step(tmp_path):
-    merge = load_merge_script()
     (tmp_path / "step_7_mmstar.json").write_text(
         json.dumps({"global_step": 7, "tasks": ["mmstar"], "results": {"mmstar_average": 0.4}, "failed_tasks": {}})
     )
@@ -104,9 +94,8 @@ def test_merge_combines_partial_files_of_one_step(tmp_path):
 
 
 def test_merge_without_partial_files_names_the_fix(tmp_path, caplog):
-    merge = load_merge_script()
     with pytest.raises(
-        FileNotFoundError, match=r"No partial result files step_3_\*.json in .*run_evaluation.py --partial"
+        FileNotFoundError, match=r"No partial result files step_3_\*.json in .*nanovlm.evaluation.run --partial"
     ):
         merge.merge_step_results(tmp_path, 3)
     assert merge.main(["--results_dir", str(tmp_path), "--global_step", "3"]) == 1
@@ -138,13 +127,17 @@ def test_default_slurm_template_is_valid_bash(tmp_path):
     fake_sbatch = tmp_path / "sbatch"
     fake_sbatch.write_text("#!/bin/sh\necho 1\n")
     fake_sbatch.chmod(fake_sbatch.stat().st_mode | stat.S_IEXEC)
-    launcher = SlurmEvalLauncher(tmp_path / "results", ["mmstar", "mme"], sbatch=[str(fake_sbatch)], limit=5)
+    launcher = SlurmEvalLauncher(tmp_path / "results", ["mmstar", "mme"], sbatch=[str(fake_sbatch)], limit=5,
+                                 work_dir=tmp_path / "work")  # fmt: skip
     job = launcher.submit(write_model_files(tmp_path / "checkpoint-8"), 8)
     script = (tmp_path / "results" / "slurm" / "step_8.sbatch").read_text()
     assert job.job_id == "1" and job.status == "running"
     assert "for task in mmstar mme; do" in script
+    assert f"cd {tmp_path}/work\n" in script  # where relative paths (the synthetic tasks' data) resolve
+    assert " -m nanovlm.evaluation.run --checkpoint " in script  # the package's module: no repository needed
     assert f"--checkpoint {tmp_path}/results/checkpoints/step_8" in script and "--limit 5" in script
-    assert f"merge_eval_results.py --results_dir {tmp_path}/results --global_step 8" in script
+    assert f"{MERGE_RESULTS_FILE} --results_dir {tmp_path}/results --global_step 8" in script
+    assert MERGE_RESULTS_FILE.is_file() and MERGE_RESULTS_FILE.parent.name == "evaluation"
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     assert "{{" not in script and DEFAULT_SLURM_TEMPLATE.count("{{") > 10
 
@@ -284,7 +277,7 @@ def trained_run(tmp_path_factory, tiny_tokenizer, tiny_processor):
 
     tmp_path = tmp_path_factory.mktemp("e2e")
     answers = build_count_data(tmp_path / "data")
-    env = {"NANOVLM_SYNTHETIC_DATA": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
+    env = {"OMP_NUM_THREADS": "1"}
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # inherited by the evaluation process
     threads = torch.get_num_threads()
@@ -295,7 +288,8 @@ def trained_run(tmp_path_factory, tiny_tokenizer, tiny_processor):
             lr_language_backbone=1e-9, report_to="tensorboard", lmms_eval_tasks=["nanovlm_synthetic"],
             lmms_eval_interval=2,
         )  # fmt: skip
-        launcher = LocalEvalLauncher(tmp_path / "run" / "eval_results", ["nanovlm_synthetic"], device="cpu")
+        launcher = LocalEvalLauncher(tmp_path / "run" / "eval_results", ["nanovlm_synthetic"], device="cpu",
+                                     extra_args=["--synthetic_data", str(tmp_path / "data")])  # fmt: skip
         callback = LmmsEvalCallback(launcher, interval=2, await_timeout_s=0, poll_interval_s=0)
         trainer = make_trainer(make_answering_model(tiny_tokenizer), tiny_processor, args,
                                packed_dataset(synthetic_rows(8), tiny_processor), callbacks=[callback])  # fmt: skip

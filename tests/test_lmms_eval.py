@@ -1,4 +1,5 @@
-"""The lmms-eval adapter (nanovlm.evaluation.lmms) and the offline synthetic tasks (eval/tasks), on tiny models.
+"""The lmms-eval adapter (nanovlm.evaluation.lmms) and the offline synthetic tasks (nanovlm.evaluation.tasks, with
+nanovlm.evaluation.synthetic_task), on tiny models.
 
 Models whose answers the tests control:
 - `make_answering_model`: attention and MLP outputs zeroed, so each position's logits depend on its own token only;
@@ -28,16 +29,18 @@ from nanovlm.data.synthetic import SyntheticConfig, build_synthetic_dataset, gen
 from nanovlm.evaluation.lmms import (
     MODEL_ID,
     NanoVLMLmms,
-    cut_at_stop_strings,
     distributed_context,
+    evaluate_tasks,
     flatten_results,
-    prompt_format_for,
     task_manager_for,
 )
+from nanovlm.evaluation.prompts import cut_at_stop_strings, prompt_format_for
 from nanovlm.evaluation.scoring import answer_is_correct
+from nanovlm.evaluation.synthetic_task import data_overrides
+from nanovlm.evaluation.tasks import TASKS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = str(ROOT / "eval" / "tasks")
+TASKS = str(TASKS_DIR)
 ANSWER = "2"  # a single byte-level token in every tokenizer
 KNOWN_TYPES = ("color", "count")  # the fake generate answers these correctly, the rest wrongly
 
@@ -105,13 +108,13 @@ def _entry_point_path(tmp_path: Path) -> str | None:
 
 @pytest.fixture(scope="module", autouse=True)
 def cli_run(tmp_path_factory, tiny_tokenizer, tiny_processor):
-    """`python -m lmms_eval --model nanovlm_hf ... --include_path eval/tasks` on both tasks, offline, with a model
-    that always answers "2" on a count-only split; started first so it runs while the other tests do."""
+    """`python -m lmms_eval --model nanovlm_hf ... --include_path <the packaged tasks>` on both tasks, offline, with a
+    model that always answers "2" on a count-only split at the tasks' default data location (outputs/synthetic_data
+    in the working directory); started first so it runs while the other tests do."""
     tmp_path = tmp_path_factory.mktemp("cli")
-    answers = build_count_data(tmp_path / "data")
+    answers = build_count_data(tmp_path / "outputs" / "synthetic_data")
     checkpoint = save_checkpoint(make_answering_model(tiny_tokenizer), tiny_processor, tmp_path / "ckpt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "NANOVLM_SYNTHETIC_DATA": str(tmp_path / "data")}  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     plugin = _entry_point_path(tmp_path)
     if plugin:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [plugin, env.get("PYTHONPATH")]))
@@ -372,7 +375,6 @@ def test_loglikelihood_ranks_the_known_answer_first(tiny_tokenizer, tiny_process
 
 def test_generation_task_scores_overall_and_per_question_type(adapter, tiny_tokenizer, tagged_data, monkeypatch):
     path, expected = tagged_data
-    monkeypatch.setenv("NANOVLM_SYNTHETIC_DATA", str(path))
     real_forward = adapter.model.forward
 
     def fake_generate(input_ids=None, attention_mask=None, pixel_values=None, **kwargs):
@@ -388,7 +390,8 @@ def test_generation_task_scores_overall_and_per_question_type(adapter, tiny_toke
 
     monkeypatch.setattr(adapter.model, "generate", fake_generate)
     manager = task_manager_for(["nanovlm_synthetic"], TASKS)
-    results = simple_evaluate(model=adapter, tasks=["nanovlm_synthetic"], task_manager=manager, log_samples=False)
+    task = {"task": "nanovlm_synthetic", "dataset_path": str(path)}  # the data location, as a task config override
+    results = simple_evaluate(model=adapter, tasks=[task], task_manager=manager, log_samples=False)
     metrics = flatten_results(results)
     types = {qtype for _, qtype in expected.values()}
     for qtype in types:
@@ -400,7 +403,6 @@ def test_generation_task_scores_overall_and_per_question_type(adapter, tiny_toke
 
 def test_multiple_choice_task_ranks_the_correct_option_first(adapter, tiny_tokenizer, tagged_data, monkeypatch):
     path, expected = tagged_data
-    monkeypatch.setenv("NANOVLM_SYNTHETIC_DATA", str(path))
     types = [qtype for _, qtype in expected.values()]
     missed = max(set(types), key=types.count)  # for this type the oracle prefers a wrong option
     from nanovlm.data.synthetic import ANSWER_SETS
@@ -424,34 +426,43 @@ def test_multiple_choice_task_ranks_the_correct_option_first(adapter, tiny_token
         return out
 
     monkeypatch.setattr(adapter.model, "forward", oracle)
-    manager = task_manager_for(["nanovlm_synthetic_mc"], TASKS)
-    results = simple_evaluate(model=adapter, tasks=["nanovlm_synthetic_mc"], task_manager=manager, log_samples=False)
-    metrics = flatten_results(results)
+    report = evaluate_tasks(adapter, ["nanovlm_synthetic_mc"], include_path=TASKS, task_configs=data_overrides(path))
+    assert report.failed_tasks == {}
+    metrics = report.results
     share = 1 - types.count(missed) / len(types)
     assert metrics["nanovlm_synthetic_mc_acc"] == pytest.approx(share)
     assert metrics["nanovlm_synthetic_mc_exact_match"] == pytest.approx(share)
 
 
 def test_missing_data_names_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOVLM_SYNTHETIC_DATA", str(tmp_path / "nowhere"))
     manager = task_manager_for(["nanovlm_synthetic"], TASKS)
     from lmms_eval.tasks import get_task_dict
 
-    with pytest.raises(FileNotFoundError, match=r"python -m nanovlm.data.synthetic --output_dir .*nowhere"):
+    with pytest.raises(FileNotFoundError, match=r"python -m nanovlm.data.synthetic --output_dir .*nowhere.*--synthetic_data"):
+        get_task_dict([{"task": "nanovlm_synthetic", **data_overrides(tmp_path / "nowhere")["nanovlm_synthetic"]}],
+                      manager)  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # the default location is relative to the working directory
+    with pytest.raises(FileNotFoundError, match=rf"No synthetic 'test' split at {tmp_path}/outputs/synthetic_data "):
         get_task_dict(["nanovlm_synthetic"], manager)
 
 
 def test_scripts_have_help(capsys):
     import importlib.util
 
-    for name, expected in (("run_evaluation", "--checkpoint"), ("merge_eval_results", "--global_step")):
-        spec = importlib.util.spec_from_file_location(name, ROOT / "eval" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    from nanovlm.evaluation import merge_results, run
+
+    for module, expected in ((run, "--synthetic_data"), (merge_results, "--global_step")):
         with pytest.raises(SystemExit) as exit_info:
             module.main(["--help"])
         assert exit_info.value.code == 0
-        assert expected in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"usage: python -m {module.__name__}" in out and expected in out
+    # the repository's eval/ scripts, kept for older commands, are the same entry points
+    for name, module in (("run_evaluation", run), ("merge_eval_results", merge_results)):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "eval" / f"{name}.py")
+        wrapper = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(wrapper)
+        assert wrapper.main is module.main
 
 
 def test_lmms_eval_cli_runs_both_tasks_offline(cli_run):
@@ -470,15 +481,14 @@ def test_lmms_eval_cli_runs_both_tasks_offline(cli_run):
 # the demo's final report (nanovlm.evaluation.synthetic_eval) goes through the same lmms-eval task
 
 
-def test_demo_report_through_lmms_eval_scores_each_question_type(tiny_tokenizer, tiny_processor, tmp_path,
-                                                                monkeypatch):
+def test_demo_report_through_lmms_eval_scores_each_question_type(tiny_tokenizer, tiny_processor, tmp_path):
     from nanovlm.evaluation.synthetic_eval import evaluate_synthetic
 
     data = build_synthetic_dataset(
         tmp_path / "data", num_train=0, num_validation=0, num_test=12, seed=5, image_size=32,
         type_weights={"count": 1.0, "color": 1.0}, multi_turn_fraction=0.5,
     )  # fmt: skip
-    monkeypatch.delenv("NANOVLM_SYNTHETIC_DATA", raising=False)
+    environment = dict(os.environ)
     model = make_answering_model(tiny_tokenizer).train()  # answers ANSWER to every question
     accuracy = evaluate_synthetic(model, tiny_processor, tmp_path / "data", batch_size=5)
 
@@ -489,7 +499,7 @@ def test_demo_report_through_lmms_eval_scores_each_question_type(tiny_tokenizer,
     assert accuracy == pytest.approx(expected)
     assert 0 < expected["count"] < 1 and expected["color"] == 0.0
     assert model.training  # put back in training mode
-    assert "NANOVLM_SYNTHETIC_DATA" not in os.environ  # the task's data location is set for the call only
+    assert dict(os.environ) == environment  # the data location reaches the task as its config, not the environment
 
 
 def test_demo_report_failure_names_the_missing_split(tiny_model, tiny_processor, tmp_path):

@@ -38,7 +38,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import hashlib
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -384,7 +384,7 @@ def step_resume(step: Step, cwd: Path) -> None:
 
 def step_eval(step: Step, cwd: Path) -> None:
     ok(run(step.text, cwd))
-    assert step.results, "the README states no result for run_evaluation.py"
+    assert step.results, "the README states no result for nanovlm.evaluation.run"
     path, _, payload = step.results[0].partition(": ")
     keys = re.findall(r'"(\w+)": \.\.\.', payload)
     assert keys, step.results
@@ -473,7 +473,7 @@ RUNNERS = [
     (" && ", step_quickstart),
     ("from transformers import AutoModel, AutoProcessor", step_usage),
     ("# 2. From a config", step_api),
-    ("eval/run_evaluation.py --checkpoint outputs/demo/final", step_eval),
+    ("-m nanovlm.evaluation.run --checkpoint outputs/demo/final", step_eval),
     ("-m lmms_eval --model nanovlm_hf", step_lmms_cli),
     ("--config configs/train/lora.yaml", step_lora),
     ("merge_lora_checkpoint(", step_merge),
@@ -515,14 +515,12 @@ def except_gpu_training(step: Step, cwd: Path) -> None:
 
 
 def except_gpu_eval(step: Step, cwd: Path) -> None:
-    """8-GPU torchrun evaluation on hub benchmarks: the script's own parser accepts the arguments."""
+    """8-GPU torchrun evaluation on hub benchmarks: the module's own parser accepts the arguments."""
     bash_parses(step)
     words = shlex.split(step.text)
-    assert words[:3] == ["torchrun", "--nproc_per_node", "8"], words
-    spec = importlib.util.spec_from_file_location("run_evaluation", cwd / words[3])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    args = module.build_arg_parser().parse_args(words[4:])
+    assert words[:5] == ["torchrun", "--nproc_per_node", "8", "-m", "nanovlm.evaluation.run"], words
+    module = importlib.import_module(words[4])
+    args = module.build_arg_parser().parse_args(words[5:])
     assert args.tasks == ["mmstar", "mmmu_val", "ocrbench", "textvqa_val"], args
 
 
@@ -548,7 +546,7 @@ EXCEPTIONS = {
     "accelerate launch --config_file configs/accelerate/8gpu.yaml": except_gpu_training,
     "nanovlm-convert --input lusxvr/nanoVLM-460M-8k": except_convert_hub,
     "NanoVLMForConditionalGeneration.from_backbones(": except_python_hub,
-    "torchrun --nproc_per_node 8 eval/run_evaluation.py": except_gpu_eval,
+    "torchrun --nproc_per_node 8 -m nanovlm.evaluation.run": except_gpu_eval,
 }
 
 

@@ -1,5 +1,5 @@
 """Evaluate saved checkpoints with lmms-eval without blocking training: an `sbatch` job when SLURM is configured,
-else a local background process running `eval/run_evaluation.py`.
+else a local background process running `python -m nanovlm.evaluation.run`.
 
 Every job writes one results file, `{results_dir}/step_{step}.json`:
 
@@ -39,10 +39,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RUN_EVALUATION_SCRIPT = REPO_ROOT / "eval" / "run_evaluation.py"
-MERGE_RESULTS_SCRIPT = REPO_ROOT / "eval" / "merge_eval_results.py"
-TASKS_DIR = REPO_ROOT / "eval" / "tasks"
+RUN_MODULE = "nanovlm.evaluation.run"
+# run as a file, not with -m: it imports only the standard library, so the job's last step skips `import nanovlm`
+MERGE_RESULTS_FILE = Path(__file__).resolve().with_name("merge_results.py")
 SNAPSHOT_SKIP = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state", "training_args.bin", "data_state.json")
 DISTRIBUTED_ENV = (
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
@@ -63,7 +62,7 @@ DEFAULT_SLURM_TEMPLATE = """#!/bin/bash
 set -uo pipefail
 unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
 export TOKENIZERS_PARALLELISM=false
-cd {{repo_dir}}
+cd {{work_dir}}
 IFS=, read -r -a GPUS <<< "${CUDA_VISIBLE_DEVICES:-0}"
 i=0
 for task in {{tasks_space}}; do
@@ -80,7 +79,7 @@ _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
 def result_file(results_dir: str | os.PathLike, step: int, tag: str | None = None) -> Path:
-    """`step_{step}.json`, or the partial file `step_{step}_{tag}.json` (merged by eval/merge_eval_results.py)."""
+    """`step_{step}.json`, or the partial file `step_{step}_{tag}.json` (merged by nanovlm.evaluation.merge_results)."""
     name = f"step_{step}.json" if tag is None else f"step_{step}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', tag)}.json"
     return Path(results_dir) / name
 
@@ -180,7 +179,13 @@ def read_results(job: EvalJob) -> bool:
 
 
 class EvalLauncher(ABC):
-    """Submits evaluations of checkpoints and reports them when they finish."""
+    """Submits evaluations of checkpoints and reports them when they finish.
+
+    Jobs run `python -m nanovlm.evaluation.run` (or `script`, a file taking the same arguments) with `python`, in
+    `work_dir` (default: the current directory), where relative paths such as the synthetic tasks' default data
+    `outputs/synthetic_data` resolve. `extra_args` are appended to every job's command line (e.g.
+    `["--synthetic_data", "/data/synthetic"]`).
+    """
 
     def __init__(
         self,
@@ -191,23 +196,24 @@ class EvalLauncher(ABC):
         limit: int | float | None = None,
         device: str | None = None,
         python: str = sys.executable,
-        script: str | os.PathLike = RUN_EVALUATION_SCRIPT,
-        include_path: Sequence[str | os.PathLike] = (TASKS_DIR,),
+        script: str | os.PathLike | None = None,
+        include_path: Sequence[str | os.PathLike] = (),
         extra_args: Sequence[str] = (),
         snapshot: bool = True,
+        work_dir: str | os.PathLike | None = None,
     ) -> None:
         tasks = [t.strip() for name in tasks for t in str(name).split(",") if t.strip()]
         if not tasks:
             raise ValueError("No lmms-eval tasks given: set --lmms_eval_tasks, e.g. mmstar mme.")
-        if not Path(script).is_file():
+        if script is not None and not Path(script).is_file():
             raise FileNotFoundError(
-                f"The evaluation script {script} does not exist: run training from a nanovlm repository checkout "
-                "(eval/run_evaluation.py), or pass script= pointing at it."
+                f"The evaluation script {script} does not exist; pass script=None to run {RUN_MODULE}."
             )
-        self.results_dir = Path(results_dir).resolve()  # jobs may run from another folder (SLURM: the repository)
+        self.results_dir = Path(results_dir).resolve()  # jobs run in work_dir, which may differ from ours later
+        self.work_dir = Path(work_dir or os.getcwd()).resolve()
         self.tasks = tasks
         self.batch_size, self.limit, self.device = batch_size, limit, device
-        self.python, self.script = python, Path(script)
+        self.python, self.script = python, None if script is None else Path(script)
         self.include_path = [str(p) for p in include_path]
         self.extra_args = list(extra_args)
         self.snapshot = snapshot
@@ -215,8 +221,12 @@ class EvalLauncher(ABC):
         self._reported: set[int] = set()  # ids of the jobs poll() has returned
 
     # ---- shared ----------------------------------------------------------------------------------------------------
+    def entry(self) -> list[str]:
+        """What follows `python` to run an evaluation: `-m nanovlm.evaluation.run`, or the `script` file."""
+        return ["-m", RUN_MODULE] if self.script is None else [str(self.script)]
+
     def eval_args(self) -> list[str]:
-        """Arguments of run_evaluation.py other than checkpoint, tasks, step and output dir."""
+        """Arguments of the evaluation other than checkpoint, tasks, step and output dir."""
         args = ["--batch_size", str(self.batch_size)]
         if self.limit is not None:
             args += ["--limit", str(self.limit)]
@@ -227,10 +237,10 @@ class EvalLauncher(ABC):
         return args + self.extra_args
 
     def command(self, job: EvalJob) -> list[str]:
-        """The run_evaluation.py command line for `job`."""
+        """The evaluation's command line for `job`."""
         checkpoint = job.snapshot or job.checkpoint
         return [
-            self.python, str(self.script), "--checkpoint", str(checkpoint), "--tasks", ",".join(job.tasks),
+            self.python, *self.entry(), "--checkpoint", str(checkpoint), "--tasks", ",".join(job.tasks),
             "--global_step", str(job.step), "--output_dir", str(self.results_dir),
             "--source_checkpoint", str(job.checkpoint), *self.eval_args(),
         ]  # fmt: skip
@@ -308,7 +318,7 @@ class EvalLauncher(ABC):
 
 
 class LocalEvalLauncher(EvalLauncher):
-    """Runs eval/run_evaluation.py as background processes on this machine (`max_concurrent` at a time)."""
+    """Runs evaluations as background processes on this machine (`max_concurrent` at a time)."""
 
     def __init__(self, results_dir: str | os.PathLike, tasks: Sequence[str], *, max_concurrent: int = 1, **kwargs):
         super().__init__(results_dir, tasks, **kwargs)
@@ -327,7 +337,7 @@ class LocalEvalLauncher(EvalLauncher):
             return  # stays queued; started by _update when a slot frees
         with open(job.log_path, "w") as log:
             job.process = subprocess.Popen(
-                self.command(job), stdout=log, stderr=subprocess.STDOUT, env=self._environment(),
+                self.command(job), stdout=log, stderr=subprocess.STDOUT, env=self._environment(), cwd=self.work_dir,
                 start_new_session=True,  # a Ctrl-C in the training terminal does not kill it
             )  # fmt: skip
         job.status = "running"
@@ -347,8 +357,9 @@ class SlurmEvalLauncher(EvalLauncher):
     """Submits one `sbatch` job per checkpoint from a job-script template (see `DEFAULT_SLURM_TEMPLATE`).
 
     Template placeholders: checkpoint (the snapshot to load), source_checkpoint, step, tasks (comma-separated),
-    tasks_space (space-separated, quoted), results_dir, log_file, job_name, python, run_evaluation, merge_results,
-    repo_dir, eval_args. A job is done when
+    tasks_space (space-separated, quoted), results_dir, log_file, job_name, python, run_evaluation (what follows
+    python: `-m nanovlm.evaluation.run`), merge_results (the merge script's file), work_dir, eval_args. A job is done
+    when
     `step_{step}.json` appears; it failed when it left the queue (`squeue` no longer lists it) and the file is
     still missing `grace_s` seconds later.
     """
@@ -397,9 +408,9 @@ class SlurmEvalLauncher(EvalLauncher):
             "log_file": str(job.log_path),
             "job_name": f"{self.job_name}_step{job.step}",
             "python": q(self.python),
-            "run_evaluation": q(str(self.script)),
-            "merge_results": q(str(MERGE_RESULTS_SCRIPT)),
-            "repo_dir": q(str(REPO_ROOT)),
+            "run_evaluation": " ".join(q(a) for a in self.entry()),
+            "merge_results": q(str(MERGE_RESULTS_FILE)),
+            "work_dir": q(str(self.work_dir)),
             "eval_args": " ".join(q(a) for a in self.eval_args()),
         }
         return render_template(self.template, values)

@@ -6,7 +6,7 @@ adapter uses the id `nanovlm_hf`. The CLI finds it through the `lmms_eval.models
 `lmms_eval.evaluator.simple_evaluate`.
 
     python -m lmms_eval --model nanovlm_hf --model_args pretrained=outputs/demo/final,batch_size=16 \
-        --tasks nanovlm_synthetic --include_path eval/tasks
+        --tasks nanovlm_synthetic --include_path "$(python -m nanovlm.evaluation.tasks)"
 
 What differs from the original nanoVLM wrapper and from lmms-eval's conventions:
 - `loglikelihood` is implemented (nanoVLM raises NotImplementedError), so multiple-choice tasks work. lmms-eval 0.7.3
@@ -15,9 +15,8 @@ What differs from the original nanoVLM wrapper and from lmms-eval's conventions:
   log-likelihood (summed over the continuation tokens; lower is better), wrapped in a `GenerationResult` so the
   tuple reaches the task intact. `score_continuations` gives the plain `(sum of log-probs, is_greedy)` pairs.
   Consequence: lmms-eval's `acc_mutual_info` (an argmax over differences) is inverted and not supported.
-- Per-task prompt formatting follows nanoVLM's table (`PROMPT_FORMATS`), with its "chartvqa" entry spelled as the
-  task is actually called (`chartqa`), and without doubling a "Choices:" header the table's replacements can
-  produce in sequence.
+- Per-task prompt formatting follows nanoVLM's table (`nanovlm.evaluation.prompts`), with its "chartvqa" entry
+  spelled as the task is actually called (`chartqa`).
 - `clean()` keeps the model: lmms-eval deletes every `nn.Module` attribute of its model after each run, which would
   break a second `simple_evaluate` call and would drop a model a training job passed in.
 """
@@ -28,7 +27,7 @@ import gc
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from ..devices import resolve_device, resolve_dtype
 from ..image_processing_nanovlm import load_image
 from ..modeling_nanovlm import NanoVLMForConditionalGeneration
 from ..processing_nanovlm import NanoVLMProcessor
+from .prompts import NO_FORMAT, cut_at_stop_strings, prompt_format_for
 
 logger = logging.getLogger(__name__)
 
@@ -70,105 +70,6 @@ def register_with_lmms_eval() -> None:
     from lmms_eval.models import MODEL_REGISTRY_V2
 
     MODEL_REGISTRY_V2.register_manifest(lmms_eval_manifest(), overwrite=True)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# per-task prompt formatting (nanoVLM's table)
-
-
-@dataclass(frozen=True)
-class PromptFormat:
-    """How one benchmark's prompt is adapted: a prefix, text replacements and a suffix for the user turn, and text
-    appended after the assistant header (e.g. "Answer:")."""
-
-    replacements: tuple[tuple[str, str], ...] = ()
-    user_prefix: str = ""
-    user_suffix: str = ""
-    assistant_prefix: str = ""
-
-    def format_user(self, text: str) -> str:
-        """prefix + text with each replacement applied in order, + suffix. A replacement whose result is already in
-        the text is skipped, so "\\nOptions:" -> "\\nChoices:" followed by "\\nA. " -> "\\nChoices:\\nA. " does not
-        write the header twice."""
-        text = self.user_prefix + text
-        for old, new in self.replacements:
-            if new and new in text:
-                continue
-            text = text.replace(old, new)
-        return text + self.user_suffix
-
-
-_MULTIPLE_CHOICE = PromptFormat(
-    replacements=(
-        ("\nOptions:", "\nChoices:"),
-        ("\nA. ", "\nChoices:\nA. "),
-        ("Please select the correct answer from the options above.", "Answer with the letter."),
-        ("Answer with the option's letter from the given choices directly", "Answer with the letter directly"),
-    ),
-    assistant_prefix="Answer:",
-)
-_DOCVQA = PromptFormat(
-    user_prefix="Give a short and terse answer to the following question. Do not paraphrase or reformat the text you "
-    "see in the image. Do not include any full stops. Just give the answer without additional explanation. Question: "
-)
-_CHARTQA = PromptFormat(
-    user_prefix="For the question below, follow the following instructions:\n"
-    "-The answer should contain as few words as possible.\n"
-    "-Don't paraphrase or reformat the text you see in the image.\n"
-    "-Answer a binary question with Yes or No.\n"
-    "-When asked to give a numerical value, provide a number like 2 instead of Two.\n"
-    "-If the final answer has two or more items, provide it in the list format like [1, 2].\n"
-    "-When asked to give a ratio, give out the decimal value like 0.25 instead of 1:4.\n"
-    "-When asked to give a percentage, give out the whole value like 17 instead of decimal like 0.17%.\n"
-    "-Don't include any units in the answer.\n"
-    "-Do not include any full stops at the end of the answer.\n"
-    "-Try to include the full label from the graph when asked about an entity.\n"
-    "Question: "
-)
-_TEXTVQA = PromptFormat(
-    user_prefix="Answer the following question about the image using as few words as possible. Follow these "
-    "additional instructions:\n"
-    "-Always answer a binary question with Yes or No.\n"
-    "-When asked what time it is, reply with the time seen in the image.\n"
-    "-Do not put any full stops at the end of the answer.\n"
-    "-Do not put quotation marks around the answer.\n"
-    "-An answer with one or two words is favorable.\n"
-    "-Do not apply common sense knowledge. The answer can be found in the image.\n"
-    "Question: "
-)
-_MMMU = PromptFormat(
-    replacements=(
-        ("Question:", ""),
-        ("Answer with the option's letter from the given choices directly.", "Answer with the letter directly."),
-        ("\nA. ", "\nChoices:\nA. "),
-    ),
-    assistant_prefix="Answer:",
-)
-_BRIEF = PromptFormat(user_suffix="\nGive a very brief answer.")
-
-PROMPT_FORMATS: dict[str, PromptFormat] = {
-    **dict.fromkeys(("ai2d", "mmstar", "seedbench", "scienceqa", "scienceqa_img"), _MULTIPLE_CHOICE),
-    **dict.fromkeys(("docvqa_val", "docvqa_test"), _DOCVQA),
-    "chartqa": _CHARTQA,
-    **dict.fromkeys(("textvqa_val", "textvqa_test"), _TEXTVQA),
-    **dict.fromkeys(("mmmu_val", "mmmu_test"), _MMMU),
-    **dict.fromkeys(("infovqa_val", "infovqa_test", "mme", "ocrbench"), _BRIEF),
-}
-NO_FORMAT = PromptFormat()
-
-
-def prompt_format_for(task: str | None) -> PromptFormat:
-    """The task's `PromptFormat`; tasks not in `PROMPT_FORMATS` are left unchanged."""
-    return PROMPT_FORMATS.get(task or "", NO_FORMAT)
-
-
-def cut_at_stop_strings(text: str, until: str | Sequence[str] | None) -> str:
-    """`text` up to (not including) the earliest occurrence of any non-empty stop string."""
-    if until is None:
-        return text
-    stops = [until] if isinstance(until, str) else list(until)
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -228,6 +129,32 @@ def load_checkpoint(
     return model, pretrained if has_processor else base_path
 
 
+def _model_and_processor(
+    pretrained: str | os.PathLike | torch.nn.Module,
+    processor: NanoVLMProcessor | None,
+    device: torch.device | None,
+    dtype: str | torch.dtype | None,
+    attn_implementation: str | None,
+    revision: str | None,
+) -> tuple[torch.nn.Module, NanoVLMProcessor]:
+    """The adapter's model (on `device`, default: where it is for a model object, else `resolve_device`) and
+    processor. A model object (a PreTrainedModel, or a PeftModel: not one, but it forwards generate/device/dtype to
+    it) keeps its dtype unless `dtype` is given; a checkpoint loads in `resolve_dtype(dtype)`."""
+    if isinstance(pretrained, torch.nn.Module):
+        if processor is None:
+            raise ValueError(f"{MODEL_ID} with a model object needs its processor: pass processor=...")
+        if device is not None:
+            pretrained.to(device)
+        if dtype is not None:
+            pretrained.to(resolve_dtype(dtype, pretrained.device))
+        return pretrained, processor
+    device = device or resolve_device(None)
+    hub = {"revision": revision} if revision else {}
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model, processor_source = load_checkpoint(pretrained, dtype=resolve_dtype(dtype, device), **hub, **attn)
+    return model.to(device), processor or AutoProcessor.from_pretrained(processor_source, **hub)
+
+
 @dataclass
 class _Request:
     """One request, normalised: what the model sees and where its answer goes."""
@@ -256,7 +183,7 @@ class NanoVLMLmms(lmms):
         dtype: "auto" (bf16 on capable GPUs, else fp32), "float32", "bfloat16" or "float16".
         max_new_tokens: generation length when the task does not set one (`--gen_kwargs` and task YAMLs win).
         attn_implementation: "sdpa" (default), "eager", "flash_attention_2", "flex_attention".
-        format_prompts: apply nanoVLM's per-task prompt formatting (`PROMPT_FORMATS`).
+        format_prompts: apply nanoVLM's per-task prompt formatting (`nanovlm.evaluation.prompts`).
         revision: hub revision of `pretrained`.
         max_batch_size: accepted for lmms-eval's CLI and ignored (no automatic batch sizing).
     """
@@ -294,39 +221,17 @@ class NanoVLMLmms(lmms):
 
             self.accelerator = Accelerator()  # joins the launcher's process group; lmms-eval gathers through it
 
-        # A model object: a PreTrainedModel, or a PeftModel (not one, but it forwards generate/device/dtype to it).
-        if isinstance(pretrained, torch.nn.Module):
-            if processor is None:
-                raise ValueError(f"{MODEL_ID} with a model object needs its processor: pass processor=...")
-            self._model, self.processor = pretrained, processor
-            if device is not None or self._world_size > 1:
-                self._model.to(_resolve_device(device, self._world_size, local_rank))
-            if dtype is not None:
-                self._model.to(resolve_dtype(dtype, self._model.device))
-        else:
-            target = _resolve_device(device, self._world_size, local_rank)
-            kwargs = {"revision": revision} if revision else {}
-            if attn_implementation:
-                kwargs["attn_implementation"] = attn_implementation
-            model, processor_source = load_checkpoint(pretrained, dtype=resolve_dtype(dtype, target), **kwargs)
-            self._model = model.to(target)
-            self.processor = processor or AutoProcessor.from_pretrained(
-                processor_source, **({"revision": revision} if revision else {})
-            )
+        placed = device is not None or self._world_size > 1  # else a model object stays where it is
+        target = _resolve_device(device, self._world_size, local_rank) if placed else None
+        self._model, self.processor = _model_and_processor(pretrained, processor, target, dtype, attn_implementation,
+                                                           revision)  # fmt: skip
         if not isinstance(self.processor, NanoVLMProcessor):
             raise TypeError(f"{MODEL_ID} needs a NanoVLMProcessor, got {type(self.processor).__name__}.")
         self._model.eval()
         self.tokenizer = self.processor.tokenizer
-        logger.info(
-            "%s: %s on %s (%s), rank %d of %d, batch size %d",
-            MODEL_ID,
-            pretrained if isinstance(pretrained, (str, os.PathLike)) else type(pretrained).__name__,
-            self.device,
-            self._model.dtype,
-            self._rank,
-            self._world_size,
-            self._batch_size,
-        )
+        source = pretrained if isinstance(pretrained, (str, os.PathLike)) else type(pretrained).__name__
+        logger.info("%s: %s on %s (%s), rank %d of %d, batch size %d", MODEL_ID, source, self.device,
+                    self._model.dtype, self._rank, self._world_size, self._batch_size)  # fmt: skip
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> NanoVLMLmms:
@@ -603,9 +508,14 @@ def evaluate_tasks(
     include_path: str | Sequence[str] | None = None,
     gen_kwargs: str | None = None,
     verbosity: str = "WARNING",
+    task_configs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> EvaluationReport:
     """Run each task separately through `lmms_eval.evaluator.simple_evaluate`, so one failing task (a missing
-    dataset, a crash) does not lose the others; failures are logged and returned, not raised."""
+    dataset, a crash) does not lose the others; failures are logged and returned, not raised.
+
+    `task_configs` overrides fields of a task's YAML for this call, per task name (e.g.
+    `nanovlm.evaluation.synthetic_task.data_overrides(path, split)`): lmms-eval merges a `{"task": name, ...}`
+    config into the registered one, so the task gets its data location without any environment variable."""
     from lmms_eval.evaluator import simple_evaluate
 
     names = _split_tasks(tasks)
@@ -615,9 +525,10 @@ def evaluate_tasks(
     report = EvaluationReport()
     for name in names:
         try:
+            overrides = (task_configs or {}).get(name)
             results = simple_evaluate(
                 model=model,
-                tasks=[name],
+                tasks=[{"task": name, **overrides} if overrides else name],  # a fresh dict: lmms-eval pops "task"
                 limit=limit,
                 task_manager=manager,
                 log_samples=False,
@@ -638,17 +549,13 @@ def evaluate_tasks(
 
 __all__ = [
     "MODEL_ID",
-    "PROMPT_FORMATS",
     "EvaluationReport",
     "NanoVLMLmms",
-    "PromptFormat",
-    "cut_at_stop_strings",
     "distributed_context",
     "evaluate_tasks",
     "flatten_results",
     "lmms_eval_manifest",
     "load_checkpoint",
-    "prompt_format_for",
     "register_with_lmms_eval",
     "resolve_dtype",
     "task_manager_for",

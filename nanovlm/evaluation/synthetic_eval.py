@@ -1,10 +1,10 @@
 """Held-out accuracy on the synthetic dataset, per question type, through lmms-eval's `nanovlm_synthetic` task.
 
-The demo's final report runs the same path as `python -m lmms_eval --model nanovlm_hf --tasks nanovlm_synthetic
---include_path eval/tasks`: the `nanovlm_hf` adapter around the in-memory model, lmms-eval's `simple_evaluate`, and
-the task in `eval/tasks/nanovlm_synthetic` (every turn of the split asked on its own with the row's images, greedy
-answer, normalised exact match). Only where the task reads its data differs: the environment variables below, set
-for the duration of the call.
+The demo's final report runs the same path as `python -m nanovlm.evaluation.run --tasks nanovlm_synthetic`: the
+`nanovlm_hf` adapter around the in-memory model, lmms-eval's `simple_evaluate`, and the packaged task
+`nanovlm/evaluation/tasks/nanovlm_synthetic` (every turn of the split asked on its own with the row's images, greedy
+answer, normalised exact match). The data location reaches the task as lmms-eval task config overrides
+(`synthetic_task.data_overrides`), not through the environment.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from unittest import mock
 
-from .launcher import TASKS_DIR
+from .tasks import TASKS_DIR
 
 TASK = "nanovlm_synthetic"
 _METRIC = f"{TASK}_exact_match"
@@ -46,20 +45,19 @@ def evaluate_synthetic(
     Under several processes (torchrun, accelerate) every process must call it: lmms-eval shares the questions among
     them and returns the metrics to rank 0 only; the other processes get {}."""
     from .lmms import NanoVLMLmms, distributed_context, evaluate_tasks
+    from .synthetic_task import data_overrides
 
     tasks_dir = Path(tasks_dir)
     if not (tasks_dir / TASK).is_dir():
         raise FileNotFoundError(
-            f"lmms-eval task folder {tasks_dir / TASK} not found: the synthetic report needs the repository's "
-            "eval/tasks (install nanovlm from a clone with `pip install -e .`)."
+            f"lmms-eval task folder {tasks_dir / TASK} not found: pass tasks_dir= a folder holding {TASK}/, or leave "
+            "it at its default (nanovlm.evaluation.tasks.TASKS_DIR, shipped with the package)."
         )
     was_training = model.training
     adapter = NanoVLMLmms(pretrained=model, processor=processor, batch_size=batch_size, max_new_tokens=max_new_tokens)
     try:
-        # the task reads its data location from the environment; patch.dict restores it afterwards
-        location = {"NANOVLM_SYNTHETIC_DATA": str(Path(data_path).resolve()), "NANOVLM_SYNTHETIC_SPLIT": split}
-        with mock.patch.dict(os.environ, location):
-            report = evaluate_tasks(adapter, [TASK], include_path=str(tasks_dir))
+        report = evaluate_tasks(adapter, [TASK], include_path=str(tasks_dir),
+                                task_configs=data_overrides(data_path, split))  # fmt: skip
     finally:
         model.train(was_training)
     if TASK in report.failed_tasks:

@@ -1,9 +1,17 @@
-"""lmms-eval tasks over the nanovlm synthetic dataset, read from local files (works offline).
+"""The lmms-eval tasks over the nanovlm synthetic dataset, read from local files (works offline).
 
-Data location: `$NANOVLM_SYNTHETIC_DATA`, either a `save_to_disk` folder as written by
+The task files are package data, `nanovlm/evaluation/tasks/nanovlm_synthetic/*.yaml`; their `!function` entries
+name this module, so a wheel install runs them. Give lmms-eval that folder (`nanovlm.evaluation.tasks.TASKS_DIR`) as
+an include path: `python -m nanovlm.evaluation.run` does, and `python -m nanovlm.evaluation.tasks` prints it for
+lmms-eval's own CLI.
+
+Data location: the task config's `dataset_path`, either a `save_to_disk` folder as written by
 `python -m nanovlm.data.synthetic --output_dir DIR` and by the demo (its `parquet/{split}.parquet` copy is used when
-the arrow split is missing), or one `.parquet` file. Default: `outputs/synthetic_data` in the working directory, else
-in this repository. The split is `$NANOVLM_SYNTHETIC_SPLIT` (default `test`).
+the arrow split is missing), or one `.parquet` file; a relative path is taken from the working directory (default
+`outputs/synthetic_data`). The split is the task's `test_split` (default `test`). To evaluate other data, override
+both per task rather than through the environment: `data_overrides(path, split)` gives the lmms-eval task configs
+(`{"task": "nanovlm_synthetic", "dataset_path": ..., "test_split": ...}`) that `evaluate_tasks(...,
+task_configs=...)` passes to lmms-eval, and `python -m nanovlm.evaluation.run --synthetic_data DIR` does the same.
 
 Every turn of every row is one document: the row's images with that turn's question (follow-up questions name
 their subject, so each stands alone). Documents carry `question`, `answer`, `question_type`, `options` (the
@@ -23,23 +31,18 @@ from pathlib import Path
 import datasets
 from lmms_eval.api.task import ConfigurableTask
 
-from nanovlm.data.synthetic import ANSWER_SETS
-from nanovlm.evaluation.scoring import answer_is_correct, normalize_answer
+from ..data.synthetic import ANSWER_SETS
+from .scoring import answer_is_correct, normalize_answer
 
-DATA_ENV = "NANOVLM_SYNTHETIC_DATA"
-SPLIT_ENV = "NANOVLM_SYNTHETIC_SPLIT"
+SYNTHETIC_TASKS = ("nanovlm_synthetic", "nanovlm_synthetic_mc")
 DEFAULT_DATA = "outputs/synthetic_data"
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
-def data_location() -> tuple[Path, str]:
-    """(path, split) of the data to evaluate, from the environment or the defaults."""
-    split = os.environ.get(SPLIT_ENV, "test")
-    given = os.environ.get(DATA_ENV)
-    if given:
-        return Path(given), split
-    local = Path(DEFAULT_DATA)
-    return (local if local.exists() else REPO_ROOT / DEFAULT_DATA), split
+def data_overrides(data_path: str | os.PathLike, split: str = "test") -> dict[str, dict[str, str]]:
+    """{task: lmms-eval config overrides} that point every synthetic task at `split` of `data_path` (made absolute,
+    so a process started elsewhere reads the same files)."""
+    location = {"dataset_path": str(Path(data_path).resolve()), "test_split": split}
+    return {task: dict(location) for task in SYNTHETIC_TASKS}
 
 
 def load_rows(path: Path, split: str) -> datasets.Dataset:
@@ -53,8 +56,9 @@ def load_rows(path: Path, split: str) -> datasets.Dataset:
     raise FileNotFoundError(
         f"No synthetic {split!r} split at {path} (looked for {path / split} and "
         f"{path / 'parquet' / f'{split}.parquet'}). "
-        f"Build it with `python -m nanovlm.data.synthetic --output_dir {path}`, or set {DATA_ENV} to a save_to_disk "
-        f"folder or a .parquet file (and {SPLIT_ENV} to choose the split)."
+        f"Build it with `python -m nanovlm.data.synthetic --output_dir {path}`, or point the task at a save_to_disk "
+        "folder or a .parquet file (`python -m nanovlm.evaluation.run --synthetic_data PATH`; in Python "
+        "`evaluate_tasks(..., task_configs=data_overrides(PATH, split))`)."
     )
 
 
@@ -88,18 +92,19 @@ def to_turn_documents(rows: datasets.Dataset) -> datasets.Dataset:
 
 
 class SyntheticVQATask(ConfigurableTask):
-    """A ConfigurableTask whose documents come from local synthetic data instead of the hub (see `data_location`)."""
+    """A ConfigurableTask whose documents come from local synthetic data (`dataset_path`, split `test_split`)
+    instead of the hub."""
 
     def __init__(self, config: dict | None = None, **kwargs) -> None:
         config = {k: v for k, v in (config or {}).items() if k != "class"}  # `class` is lmms-eval's, not TaskConfig's
         super().__init__(config=config, **kwargs)
 
     def download(self, dataset_kwargs: dict | None = None) -> None:
-        path, split = data_location()
+        split = self.config.test_split or "test"
+        path = Path(self.config.dataset_path or DEFAULT_DATA).resolve()  # relative: from the working directory
         documents = to_turn_documents(load_rows(path, split))
-        test_split = self.config.test_split or "test"
-        self.dataset = datasets.DatasetDict({test_split: documents})
-        self.dataset_no_image = datasets.DatasetDict({test_split: documents.remove_columns("images")})
+        self.dataset = datasets.DatasetDict({split: documents})
+        self.dataset_no_image = datasets.DatasetDict({split: documents.remove_columns("images")})
 
 
 def doc_to_visual(doc: dict) -> list:
@@ -135,3 +140,19 @@ def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     """exact_match overall and for the document's question type (1.0 when `answer_is_correct`)."""
     score = float(answer_is_correct(results[0] if results else "", doc["answer"]))
     return {"exact_match": score, f"exact_match_{doc['question_type']}": score}
+
+
+__all__ = [
+    "DEFAULT_DATA",
+    "SYNTHETIC_TASKS",
+    "SyntheticVQATask",
+    "data_overrides",
+    "doc_to_choice",
+    "doc_to_choice_index",
+    "doc_to_target",
+    "doc_to_text",
+    "doc_to_visual",
+    "load_rows",
+    "process_results",
+    "to_turn_documents",
+]
