@@ -232,6 +232,19 @@ def test_a_row_that_cannot_be_pickled_stays_in_memory(tiny_processor, caplog):
     assert sum("cannot be pickled" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_spill_errors_name_the_folder_and_the_fix(tiny_processor, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="spill_dir=.*is not a folder: give an existing folder, or None for"):
+        SampleStream([], SampleBuilder(tiny_processor), spill_dir=str(tmp_path / "missing"))
+
+    def disk_full(self, row):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(readers_module.RowSpill, "put", disk_full)
+    stream = SampleStream(_image_rows(1), SampleBuilder(tiny_processor), spill_dir=str(tmp_path))
+    with pytest.raises(OSError, match=f"spill file in {tmp_path} .*No space left.*set TMPDIR"):
+        next(stream.measure_from(0, 1))
+
+
 # ---- uint8 tiles, normalised on the device ------------------------------------------------------------------------
 
 

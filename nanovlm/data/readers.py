@@ -6,8 +6,8 @@ decoded) and `build_measured(item)` builds one later, for the pack about to be y
 is what the packing buffer holds per row, so it is kept small:
 
 - `SampleDataset`: the row index (the row is re-read from the dataset at build time);
-- `SampleStream`: a stream cannot be re-read, so the undecoded row (its encoded image bytes: ~0.24 MiB per
-  FineVision-like row) goes to a `RowSpill`, an unlinked temporary file of this process, and the key holds its
+- `SampleStream`: a stream cannot be re-read, so the undecoded row (its encoded image bytes: ~0.27 MiB per
+  row of the benchmark's FineVision-like rows) goes to a `RowSpill`, an unlinked temporary file of this process, and the key holds its
   position and (offset, size) there. Host memory then stays flat in the pack buffer size: a buffer of 2048 rows
   held ~0.5 GB of rows in memory per DataLoader worker before (BENCHMARKS.md). The spill file is replaced at every
   round of the packer (`new_round`), so its size is one round's rows.
@@ -70,7 +70,7 @@ class RowSpill:
                 raise OSError(f"the row spill file ended at {offset + done} bytes, before {offset + size}.")
             chunks.append(chunk)
             done += len(chunk)
-        return pickle.loads(b"".join(chunks))
+        return pickle.loads(b"".join(chunks))  # our own bytes: the file is unlinked, no one else writes it
 
 
 class SpilledRow(NamedTuple):
@@ -336,10 +336,17 @@ class SampleStream:
 
     def _spilled(self, position: int, row: Any) -> SpilledRow | tuple[int, Any]:
         """`row` written to this round's spill file, as a `SpilledRow`; `(position, row)` if it cannot be pickled."""
-        if self._spill is None or self._spill.pid != os.getpid():
-            self._spill = RowSpill(self.spill_dir)
         try:
+            if self._spill is None or self._spill.pid != os.getpid():
+                self._spill = RowSpill(self.spill_dir)
             offset, size = self._spill.put(row)
+        except OSError as err:
+            where = self.spill_dir or tempfile.gettempdir()
+            raise OSError(
+                f"could not write a stream row to the spill file in {where} ({err}): free space there, or set TMPDIR "
+                "(or SampleStream(spill_dir=...)) to a local disk with room for about --pack_buffer_size rows per "
+                "DataLoader worker."
+            ) from err
         except (pickle.PicklingError, TypeError, AttributeError) as err:
             if not self._unpicklable_logged:
                 self._unpicklable_logged = True
