@@ -32,14 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from nanovlm_packer import group_lengths, nanovlm_balanced_greedy, real_token_fraction
 
-from nanovlm.data.packing import (
-    PackedDataset,
-    group_lengths,
-    knapsack_pack,
-    nanovlm_balanced_greedy,
-    real_token_fraction,
-)
+from nanovlm.data.packing import PackedDataset, knapsack_pack
 
 TOKENS_PER_TILE = 64
 

@@ -15,10 +15,16 @@ and reports the peak RSS above that start (sampled every 2 ms), plus its seconds
 largest buffer's round, resampled to `--fraction_samples` samples, packed round by round at each buffer size
 (measured lengths equal built lengths: tests/test_data_measure.py).
 
-Speed: samples/s of the pipeline (measure every row + build the yielded ones) against a build-only rate (what the
-builder did for every row before). The token rate of 4 workers is compared with what one H100 consumes at 40% MFU
-by the FLOP model of `nanovlm.training.flops` (460m model, these batches' tokens and tiles; 989 TFLOP/s bf16
-dense peak).
+Memory also reports the bytes of undecoded rows the stream spilled to its temporary file for the round (on disk,
+not in the worker's RSS; see `nanovlm.data.readers.RowSpill`).
+
+Speed, like for like, in one more fresh process: the first `--speed_rows` rows of the same stream (read once into
+a list, so the stream's reading is left out of both), each one through the old builder (a full build of every row:
+decode, tile, tokenize; a row then found too long was built for nothing) and through the new pipeline (measure and
+spill every row, build the kept ones from the spill), row by row in turn so that the machine's load hits both
+alike. samples/s = samples built / seconds. The new pipeline's token rate for 4 workers is compared with what one
+H100 consumes at 40% MFU by the FLOP model of `nanovlm.training.flops` (460m model, the largest buffer's batches'
+tokens and tiles; 989 TFLOP/s bf16 dense peak).
 
     python bench/pipeline_memory.py --out bench/results/pipeline_memory.json
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import random
@@ -143,6 +150,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     measured: list[Measured] = []
     measure_from = source.measure_from
+    spilled = [0]
 
     measure_seconds = [0.0]
 
@@ -154,6 +162,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             measure_seconds[0] += time.perf_counter() - t0
             if item is StopIteration:
                 return
+            spilled[0] = source.spilled_bytes
             if item is not None:
                 measured.append(Measured(item.length, item.n_images, item.n_tiles, None))
             yield item
@@ -196,6 +205,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "buffer": args.child, "start_rss_mib": start_rss / 2**20, "peak_rss_mib": sampler.peak / 2**20,
         "above_start_mib": (sampler.peak - start_rss) / 2**20, "rows_measured": len(measured),
+        "spilled_mib": spilled[0] / 2**20,
         "measure_ms_per_row": 1e3 * max(measure_s, 0.0) / max(len(measured), 1),
         "build_ms_per_sample": 1e3 * build_seconds[0] / max(samples_built, 1), "samples_built": samples_built,
         "tokens_per_sample": tokens / max(samples_built, 1), "flops_per_token": flops / max(tokens, 1),
@@ -204,9 +214,55 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def speed_child(args: argparse.Namespace) -> dict[str, Any]:
+    """Old builder (full build of every row) vs new pipeline (measure + spill every row, build the kept ones) on
+    the same rows, row by row in turn: seconds, samples built and tokens of each."""
+    import torch
+
+    from nanovlm.data import SampleBuilder, SampleStream
+
+    torch.set_num_threads(1)
+    spec = get_shape("460m")
+    tokenizer = build_tokenizer(spec)
+    processor = build_processor_for_shape(spec, tokenizer, build_config(spec, tokenizer))
+
+    def builder() -> SampleBuilder:
+        return SampleBuilder(processor, max_sample_length=spec.max_sample_length,
+                             max_images_per_example=spec.max_images_per_example)
+
+    rows = list(itertools.islice(stream(args.seed, jpeg_pool(args.seed), args.shuffle_buffer), args.speed_rows + 1))
+    old, new = builder(), SampleStream(rows, builder())
+    old.build(rows[0])  # warm-up, not timed
+    warm = next(new.measure_from(0, 1))
+    if warm is not None:
+        new.build_measured(warm)
+    old.counter.reset()
+    new.counter.reset()
+    old_s = new_s = 0.0
+    tokens = 0
+    for position in range(1, len(rows)):
+        t0 = time.perf_counter()
+        old.build(rows[position])
+        t1 = time.perf_counter()
+        item = next(new.measure_from(position, 1))
+        sample = None if item is None else new.build_measured(item)
+        t2 = time.perf_counter()
+        old_s, new_s = old_s + t1 - t0, new_s + t2 - t1
+        tokens += 0 if sample is None else len(sample["input_ids"])
+    new_built = new.counter.built
+    return {
+        "rows": len(rows) - 1, "old_seconds": old_s, "old_built": old.counter.built, "new_seconds": new_s,
+        "new_built": new_built, "old_samples_per_s": old.counter.built / old_s,
+        "new_samples_per_s": new_built / new_s, "tokens_per_sample": tokens / max(new_built, 1),
+        "old_skipped": old.counter.as_dict(), "new_skipped": new.counter.as_dict(),
+    }
+
+
 def fractions(lengths: list[int], images: list[int], buffers: list[int], n: int, seed: int) -> dict[int, float]:
     """Real-token fraction (2 packs per batch, padded to the longer) at each buffer on n resampled samples."""
-    from nanovlm.data.packing import knapsack_pack, real_token_fraction
+    from nanovlm_packer import real_token_fraction
+
+    from nanovlm.data.packing import knapsack_pack
 
     rng = random.Random(seed)
     picks = [rng.randrange(len(lengths)) for _ in range(n)]
@@ -226,6 +282,7 @@ COLUMNS = [
     ("buffer", "buffer", "d"), ("start_rss_mib", "start MiB", ".0f"), ("peak_rss_mib", "peak MiB", ".0f"),
     ("above_start_mib", "above start MiB", ".0f"), ("measure_ms_per_row", "read+measure ms/row", ".1f"),
     ("build_ms_per_sample", "build ms/sample", ".0f"), ("samples_built", "built", "d"),
+    ("spilled_mib", "spilled MiB (disk)", ".0f"),
     ("real_token_fraction", "real-token fraction", ".4f"),
 ]
 
@@ -236,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--packs", type=int, default=8, help="packs built (in batches of 2) per buffer size")
     parser.add_argument("--shuffle_buffer", type=int, default=1000, help="datasets' stream shuffle buffer (rows)")
     parser.add_argument("--fraction_samples", type=int, default=32768, help="samples for the fill figure")
+    parser.add_argument("--speed_rows", type=int, default=64, help="rows of the old-vs-new speed comparison")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--speed_child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("bench/results/pipeline_memory.json"), help="JSON path")
     return parser
 
@@ -245,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     setup_environment()
-    if args.child is not None:
-        print(json.dumps(child(args)))
+    if args.child is not None or args.speed_child:
+        print(json.dumps(speed_child(args) if args.speed_child else child(args)))
         return {}
     machine = machine_info("cpu")
     runs = []
@@ -256,30 +315,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"buffer {buffer}: {runs[-1]['above_start_mib']:.0f} MiB above start", flush=True)
+    cmd = [sys.executable, __file__, "--speed_child", "--speed_rows", str(args.speed_rows),
+           "--shuffle_buffer", str(args.shuffle_buffer), "--seed", str(args.seed)]
+    speed = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     largest = max(runs, key=lambda r: r["buffer"])
     fill = fractions(largest["lengths"], largest["images"], args.buffers, args.fraction_samples, args.seed)
     for run in runs:
         run["real_token_fraction"] = fill[run["buffer"]]
         del run["lengths"], run["images"]
     print(format_table(runs, COLUMNS))
-    per_sample_s = (largest["measure_ms_per_row"] + largest["build_ms_per_sample"]) / 1e3
-    pipeline_rate = 1.0 / per_sample_s
-    build_only_rate = 1e3 / largest["build_ms_per_sample"]
-    tokens_per_s_4 = 4 * pipeline_rate * largest["tokens_per_sample"]
+    pipeline_rate, old_rate = speed["new_samples_per_s"], speed["old_samples_per_s"]
+    tokens_per_s_4 = 4 * pipeline_rate * speed["tokens_per_sample"]
     h100_tokens_per_s = H100_PEAK * MFU / largest["flops_per_token"]
     small = min(runs, key=lambda r: r["buffer"])
     summary = {
         "largest_above_start_mib": largest["above_start_mib"],
         "largest_vs_smallest": largest["above_start_mib"] / small["above_start_mib"],
-        "pipeline_samples_per_s": pipeline_rate, "build_only_samples_per_s": build_only_rate,
+        "pipeline_samples_per_s": pipeline_rate, "old_builder_samples_per_s": old_rate,
+        "pipeline_over_old_builder": pipeline_rate / old_rate,
         "tokens_per_s_4_workers": tokens_per_s_4, "h100_40pct_mfu_tokens_per_s": h100_tokens_per_s,
         "workers4_over_h100": tokens_per_s_4 / h100_tokens_per_s,
     }
     print(f"buffer {largest['buffer']} vs {small['buffer']}: {summary['largest_vs_smallest']:.2f}x the memory above "
-          f"start; pipeline {pipeline_rate:.2f} samples/s per worker (build only: {build_only_rate:.2f}); 4 workers "
+          f"start; pipeline {pipeline_rate:.2f} samples/s per worker, old builder {old_rate:.2f} "
+          f"({pipeline_rate / old_rate:.2f}x, {speed['rows']} rows); 4 workers "
           f"{tokens_per_s_4:.0f} tokens/s = {summary['workers4_over_h100']:.2f}x one H100 at 40% MFU "
           f"({h100_tokens_per_s:.0f} tokens/s at {largest['flops_per_token'] / 1e9:.2f} GFLOP/token)")
-    report = {"config": args_dict(args), "machine": machine, "runs": runs, "summary": summary}
+    report = {"config": args_dict(args), "machine": machine, "runs": runs, "speed": speed, "summary": summary}
     print(f"wrote {write_json(args.out, report)}")
     return report
 

@@ -156,7 +156,7 @@ def test_pipeline_memory_reports_every_buffer_and_its_fill(tmp_path):
     bench = load_script("pipeline_memory")
     out = tmp_path / "pipeline_memory.json"
     bench.main(["--buffers", "4", "8", "--packs", "2", "--shuffle_buffer", "10", "--fraction_samples", "200",
-                "--out", str(out)])
+                "--speed_rows", "4", "--out", str(out)])
     report = read(out)
     runs = {r["buffer"]: r for r in report["runs"]}
     assert set(runs) == {4, 8}
@@ -164,6 +164,11 @@ def test_pipeline_memory_reports_every_buffer_and_its_fill(tmp_path):
     assert all(r["samples_built"] >= 2 and r["peak_rss_mib"] >= r["start_rss_mib"] for r in runs.values())
     assert all(0 < r["real_token_fraction"] <= 1 for r in runs.values())
     assert report["summary"]["h100_40pct_mfu_tokens_per_s"] > 0
+    assert all(r["spilled_mib"] > 0 for r in runs.values())  # the stream's buffered rows went to its spill file
+    speed = report["speed"]
+    assert speed["rows"] == 4 and speed["new_built"] == speed["old_built"] >= 1  # the same rows, the same samples
+    assert report["summary"]["pipeline_over_old_builder"] == pytest.approx(
+        speed["new_samples_per_s"] / speed["old_samples_per_s"])
 
 
 def test_rank_balance_reports_the_max_over_mean_of_every_variant(tmp_path, monkeypatch):

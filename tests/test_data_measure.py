@@ -5,20 +5,25 @@ and uint8 tiles normalised in the model give the float path's loss."""
 
 from __future__ import annotations
 
+import gc
 import io
+import pickle
 import random
+import weakref
 
 import pytest
 import torch
 from conftest import TOKENIZER_CORPUS, make_tiny_config
 from PIL import Image
 
+import nanovlm.data.readers as readers_module
 import nanovlm.data.samples as samples_module
 from nanovlm import NanoVLMProcessor, train_tokenizer
 from nanovlm.data.collator import PackedCollator
 from nanovlm.data.conversations import RatingThresholds
 from nanovlm.data.packing import Measured, PackedDataset
-from nanovlm.data.samples import SampleBuilder, SampleDataset, SampleStream
+from nanovlm.data.readers import SampleDataset, SampleStream, SpilledRow
+from nanovlm.data.samples import SampleBuilder
 from nanovlm.data.synthetic import generate_split
 from nanovlm.training.build import record_normalization
 
@@ -159,6 +164,85 @@ def test_a_pack_left_empty_at_build_time_is_not_yielded_and_resume_stays_exact(t
         again.load_state_dict(packs[k]["state"])
         rest = [tiny_processor.tokenizer.decode(s["input_ids"]) for p in again for s in p["samples"]]
         assert rest == answers[sum(len(p["samples"]) for p in packs[: k + 1]):]
+
+
+# ---- a stream's buffered rows live in a spill file, not in memory ------------------------------------------------
+
+
+def _image_rows(n: int) -> list[dict]:
+    return [{"images": [_encoded(30 + i, 20 + 2 * i, "RGB", "PNG", i)],
+             "texts": [{"user": f"question {i}?", "assistant": f"answer {i} " * (1 + i % 4)}]} for i in range(n)]
+
+
+def test_a_stream_measure_holds_where_its_row_was_spilled_not_the_row(tiny_processor):
+    rows = _image_rows(5)
+    stream = SampleStream(rows, SampleBuilder(tiny_processor))
+    items = list(stream.measure_from(0, 1))
+    assert all(isinstance(item.key, SpilledRow) for item in items)
+    assert [item.key.position for item in items] == [0, 1, 2, 3, 4]
+    assert stream.spilled_bytes >= sum(len(r["images"][0]) for r in rows)  # the image bytes are in the file
+    reference = SampleBuilder(tiny_processor)
+    for item, row in zip(items, rows):
+        built, want = stream.build_measured(item), reference.build(row)[0]
+        assert torch.equal(built["input_ids"], want["input_ids"]) and torch.equal(built["labels"], want["labels"])
+        assert torch.equal(built["pixel_values"], want["pixel_values"])
+    # a new round starts a new file; the old one goes with the last key that points into it
+    old = weakref.ref(items[0].key.spill)
+    stream.new_round()
+    assert stream.spilled_bytes == 0
+    del items, item  # the loop's last item too
+    gc.collect()
+    assert old() is None
+    # the stream pickles (into DataLoader workers) without its open file
+    next(stream.measure_from(0, 1))
+    assert stream.spilled_bytes > 0 and pickle.loads(pickle.dumps(stream)).spilled_bytes == 0
+
+
+def test_packing_a_stream_over_several_rounds_uses_one_spill_per_round_and_packs_as_a_map_source(
+    tiny_processor, monkeypatch
+):
+    spills = []
+
+    class RecordedSpill(readers_module.RowSpill):
+        def __init__(self, directory=None):
+            super().__init__(directory)
+            spills.append(weakref.ref(self))
+
+    monkeypatch.setattr(readers_module, "RowSpill", RecordedSpill)
+    rows = _image_rows(11)
+
+    def answers(source) -> list[list[str]]:
+        packed = PackedDataset(source, seq_length=200, buffer_size=4)
+        return [[tiny_processor.tokenizer.decode(s["input_ids"]) for s in p["samples"]] for p in packed]
+
+    from_stream = answers(SampleStream(rows, SampleBuilder(tiny_processor)))
+    assert from_stream == answers(SampleDataset(rows, SampleBuilder(tiny_processor)))
+    assert sum(len(p) for p in from_stream) == 11
+    assert len(spills) == 3  # rounds of 4, 4 and 3 rows
+    gc.collect()
+    assert all(ref() is None for ref in spills[:-1])  # earlier rounds' files are gone
+
+
+def test_a_row_that_cannot_be_pickled_stays_in_memory(tiny_processor, caplog):
+    rows = [{**row, "extra": lambda: None} for row in _image_rows(2)]
+    stream = SampleStream(rows, SampleBuilder(tiny_processor))
+    items = list(stream.measure_from(0, 1))
+    assert [item.key[0] for item in items] == [0, 1] and items[1].key[1] is rows[1]
+    assert stream.build_measured(items[1]) is not None
+    assert sum("cannot be pickled" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_spill_errors_name_the_folder_and_the_fix(tiny_processor, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="spill_dir=.*is not a folder: give an existing folder, or None for"):
+        SampleStream([], SampleBuilder(tiny_processor), spill_dir=str(tmp_path / "missing"))
+
+    def disk_full(self, row):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(readers_module.RowSpill, "put", disk_full)
+    stream = SampleStream(_image_rows(1), SampleBuilder(tiny_processor), spill_dir=str(tmp_path))
+    with pytest.raises(OSError, match=f"spill file in {tmp_path} .*No space left.*set TMPDIR"):
+        next(stream.measure_from(0, 1))
 
 
 # ---- uint8 tiles, normalised on the device ------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from nanovlm.data.conversations import RatingThresholds, attach_images, filter_turns, row_to_messages
 from nanovlm.data.packing import PackedDataset
-from nanovlm.data.samples import IGNORE_INDEX, SKIP_REASONS, SampleBuilder, SampleDataset, SampleStream, SkipCounter
+from nanovlm.data.readers import SampleDataset, SampleStream
+from nanovlm.data.samples import IGNORE_INDEX, SKIP_REASONS, SampleBuilder, SkipCounter
 
 RED, BLUE = (220, 40, 40), (40, 80, 225)
 

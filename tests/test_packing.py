@@ -1,10 +1,13 @@
-"""Tests for nanovlm.data.packing: the pure packers, fill measurement and the resumable PackedDataset."""
+"""Tests for nanovlm.data.packing: the pure packers and the resumable PackedDataset; and bench/nanovlm_packer.py's
+nanoVLM baseline packer and fill measurement, which the packer is compared with."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +19,23 @@ from nanovlm.data.packing import (
     _worst_fit_balanced,
     balanced_groups,
     combine_pack_states,
-    group_lengths,
     knapsack_pack,
-    nanovlm_balanced_greedy,
-    real_token_fraction,
 )
+
+
+def _bench_baselines():
+    """bench/nanovlm_packer.py: the nanoVLM baseline packer and the fill measure, which only bench/ ships."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "nanovlm_packer.py"
+    spec = importlib.util.spec_from_file_location("bench_nanovlm_packer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_baselines = _bench_baselines()
+group_lengths = _baselines.group_lengths
+nanovlm_balanced_greedy = _baselines.nanovlm_balanced_greedy
+real_token_fraction = _baselines.real_token_fraction
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pure packer

@@ -72,25 +72,38 @@ class PackedCollator:
 
     def __call__(self, packs: Sequence[Mapping[str, Any] | Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
         """Build the batch; see the class docstring for its keys."""
-        if not packs:
-            raise ValueError("got an empty list of packs: a batch needs at least one pack.")
-        rows = [pack["samples"] if isinstance(pack, Mapping) else pack for pack in packs]
-        states = [pack.get("state") if isinstance(pack, Mapping) else None for pack in packs]
-        for r, samples in enumerate(rows):
-            if not samples:
-                raise ValueError(f"pack {r} has no samples: the packer never makes empty packs; check its source.")
-            for s, sample in enumerate(samples):
-                if len(sample["input_ids"]) != len(sample["labels"]):
-                    raise ValueError(
-                        f"pack {r} sample {s}: input_ids has {len(sample['input_ids'])} tokens but labels "
-                        f"{len(sample['labels'])}; the processor must give one label per token."
-                    )
-
+        rows = _checked_rows(packs)
         row_lengths = [sum(len(sample["input_ids"]) for sample in samples) for samples in rows]
         width = max(row_lengths)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch, seq_lens, num_images = self._fill(rows, width)
+        if self.return_flash_attn_kwargs:
+            cu_seq_lens = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+            cu_seq_lens[1:] = torch.tensor(seq_lens, dtype=torch.int32).cumsum(0)
+            batch["cu_seq_lens_q"] = cu_seq_lens
+            batch["cu_seq_lens_k"] = cu_seq_lens.clone()
+            batch["max_length_q"] = batch["max_length_k"] = max(seq_lens)
+        num_real = sum(row_lengths)
+        pixel_values = batch["pixel_values"]
+        stats = {
+            "num_rows": len(rows),
+            "row_length": width,
+            "num_samples": sum(len(samples) for samples in rows),
+            "num_real_tokens": num_real,
+            "num_pad_tokens": len(rows) * width - num_real,
+            "num_label_tokens": int((batch["labels"] != IGNORE_INDEX).sum()),
+            "num_images": num_images,
+            "num_tiles": 0 if pixel_values is None else int(pixel_values.shape[0]),
+        }
+        states = [pack.get("state") if isinstance(pack, Mapping) else None for pack in packs]
+        # the latest cumulative skip counts of each worker seen in this batch
+        skipped = [pack["skipped"] for pack in packs if isinstance(pack, Mapping) and pack.get("skipped")]
+        batch[BOOKKEEPING_KEY] = {"stats": stats, "data_state": states, "skipped": skipped}
+        return batch
 
+    def _fill(self, rows: list[Sequence[Mapping[str, Any]]], width: int) -> tuple[dict[str, Any], list[int], int]:
+        """(the model inputs, the length of every sequence: each sample, then its row's padding, the image count)."""
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (B, T)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
         position_ids = torch.empty((len(rows), width), dtype=torch.long)  # (B, T)
@@ -113,31 +126,27 @@ class PackedCollator:
             if offset < width:
                 position_ids[r, offset:] = torch.arange(width - offset)  # padding: a sequence of its own
                 seq_lens.append(width - offset)
-
-        batch: dict[str, Any] = {
+        batch = {
             "input_ids": input_ids,
             "labels": labels,
             "position_ids": position_ids,
             "pixel_values": torch.cat(pixel_values) if pixel_values else None,  # (N, 3, H, W)
         }
-        if self.return_flash_attn_kwargs:
-            cu_seq_lens = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
-            cu_seq_lens[1:] = torch.tensor(seq_lens, dtype=torch.int32).cumsum(0)
-            batch["cu_seq_lens_q"] = cu_seq_lens
-            batch["cu_seq_lens_k"] = cu_seq_lens.clone()
-            batch["max_length_q"] = batch["max_length_k"] = max(seq_lens)
-        num_real = sum(row_lengths)
-        stats = {
-            "num_rows": len(rows),
-            "row_length": width,
-            "num_samples": sum(len(samples) for samples in rows),
-            "num_real_tokens": num_real,
-            "num_pad_tokens": len(rows) * width - num_real,
-            "num_label_tokens": int((labels != IGNORE_INDEX).sum()),
-            "num_images": num_images,
-            "num_tiles": sum(int(p.shape[0]) for p in pixel_values),
-        }
-        # the latest cumulative skip counts of each worker seen in this batch
-        skipped = [pack["skipped"] for pack in packs if isinstance(pack, Mapping) and pack.get("skipped")]
-        batch[BOOKKEEPING_KEY] = {"stats": stats, "data_state": states, "skipped": skipped}
-        return batch
+        return batch, seq_lens, num_images
+
+
+def _checked_rows(packs: Sequence[Mapping[str, Any] | Sequence[Mapping[str, Any]]]) -> list:
+    """Each pack's samples, or ValueError for an empty batch, an empty pack, or labels of another length."""
+    if not packs:
+        raise ValueError("got an empty list of packs: a batch needs at least one pack.")
+    rows = [pack["samples"] if isinstance(pack, Mapping) else pack for pack in packs]
+    for r, samples in enumerate(rows):
+        if not samples:
+            raise ValueError(f"pack {r} has no samples: the packer never makes empty packs; check its source.")
+        for s, sample in enumerate(samples):
+            if len(sample["input_ids"]) != len(sample["labels"]):
+                raise ValueError(
+                    f"pack {r} sample {s}: input_ids has {len(sample['input_ids'])} tokens but labels "
+                    f"{len(sample['labels'])}; the processor must give one label per token."
+                )
+    return rows

@@ -5,15 +5,12 @@ What is here, and what is non-standard:
 - `knapsack_pack` groups items (token lengths + image counts) into packs under two caps, the sequence length and
   the number of images per pack (best-fit decreasing, or a balanced worst-fit when the image cap binds). It is a
   pure function on integers, so it is tested and benchmarked without tensors.
-- `nanovlm_balanced_greedy` re-implements the original nanoVLM packer as a baseline for `bench/packing.py`.
-- `real_token_fraction` measures how much of a batch is real tokens, for rows padded to the longest row of each
-  batch (what `PackedCollator` does) or to a fixed length (what nanoVLM does).
 - `PackedDataset` reads a source in rounds of `buffer_size` positions, packs each round on its own (no carry-over
   between rounds, so resuming is exact), shuffles the pack order with a seeded `random.Random`, and yields packs
   that each carry the state needed to resume right after them. With a *measuring* source (`measure_from`, see
   `Measured`) a round holds only each row's measures and what the source needs to build it later (a row index, or
-  the undecoded row of a stream): packing plans on the measures, and a pack's samples are built (images decoded
-  and tiled) only when the pack is yielded. Host memory then does not grow with decoded pixels per buffered sample.
+  where a stream's undecoded row lies in its spill file): packing plans on the measures, and a pack's samples are
+  built (images decoded and tiled) only when the pack is yielded. Host memory is then flat in `buffer_size`.
 
 Pack format (what `PackedDataset` yields and `PackedCollator` consumes)::
 
@@ -48,10 +45,7 @@ __all__ = [
     "PackedDataset",
     "balanced_groups",
     "combine_pack_states",
-    "group_lengths",
     "knapsack_pack",
-    "nanovlm_balanced_greedy",
-    "real_token_fraction",
 ]
 
 
@@ -59,7 +53,7 @@ class Measured(NamedTuple):
     """A row measured but not built: what the packer plans with, and the key its source builds it from.
 
     `length` is the exact token count of the sample the row becomes, `n_images` its images, `n_tiles` its image tiles
-    (global views included); `key` is the source's own handle (a row index, or a stream's undecoded row).
+    (global views included); `key` is the source's own handle (a row index, or where a stream's row was spilled).
     """
 
     length: int
@@ -218,105 +212,6 @@ def knapsack_pack(
     return best if len(best) <= len(full) else full
 
 
-def nanovlm_balanced_greedy(
-    lengths: Sequence[int],
-    n_images: Sequence[int],
-    seq_length: int,
-    max_images: int | None = None,
-    delta: int = NANOVLM_EXTRA_PACKS,
-    overflow: Literal["new_bin", "drop"] = "new_bin",
-) -> tuple[list[list[int]], list[int]]:
-    """The original nanoVLM packer ("balanced greedy knapsack"), kept as a baseline for benchmarks.
-
-    Items are taken longest first. It opens ceil(total length / seq_length) + `delta` packs up front and puts
-    each item into the least-loaded pack (packs re-sorted by load for every item) that fits its length and has
-    image room. nanoVLM then left-pads every pack to `seq_length`.
-
-    Args:
-        lengths: token count of each item.
-        n_images: image count of each item.
-        seq_length: the most tokens a pack may hold.
-        max_images: the most images a pack may hold; None for no cap.
-        delta: extra packs opened up front (nanoVLM uses 5).
-        overflow: what to do with an item that fits in no open pack: "new_bin" opens a pack for it (what the
-            nanoVLM code does), "drop" leaves it out and reports it.
-
-    Returns:
-        (groups, dropped): non-empty groups of item indices, and the indices left out (items that do not fit an
-        empty pack, which nanoVLM filters out before packing, plus with overflow="drop" the items that fit nowhere).
-    """
-    if overflow not in ("new_bin", "drop"):
-        raise ValueError(f"overflow must be 'new_bin' or 'drop'; got {overflow!r}.")
-    if len(lengths) != len(n_images):
-        raise ValueError(f"got {len(lengths)} lengths but {len(n_images)} image counts; give one of each per item.")
-    cap = math.inf if max_images is None else max_images
-    items = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
-    dropped = [i for i in items if lengths[i] > seq_length or n_images[i] > cap]
-    items = [i for i in items if lengths[i] <= seq_length and n_images[i] <= cap]
-    n_bins = -(-sum(lengths[i] for i in items) // seq_length) + delta
-    loads, images, groups = [0] * n_bins, [0] * n_bins, [[] for _ in range(n_bins)]
-    for i in items:
-        chosen = None
-        for b in sorted(range(len(loads)), key=loads.__getitem__):  # least-loaded first
-            if loads[b] + lengths[i] <= seq_length and images[b] + n_images[i] <= cap:
-                chosen = b
-                break
-        if chosen is None:
-            if overflow == "drop":
-                dropped.append(i)
-                continue
-            chosen = len(loads)
-            loads.append(0)
-            images.append(0)
-            groups.append([])
-        groups[chosen].append(i)
-        loads[chosen] += lengths[i]
-        images[chosen] += n_images[i]
-    return [g for g in groups if g], sorted(dropped)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Fill measurement
-
-
-def group_lengths(groups: Iterable[Sequence[int]], lengths: Sequence[int]) -> list[int]:
-    """Total token length of each group of item indices."""
-    return [sum(lengths[i] for i in group) for group in groups]
-
-
-def real_token_fraction(
-    pack_lengths: Sequence[int],
-    batch_size: int = 1,
-    pad_to_length: int | None = None,
-    pad_to_multiple_of: int | None = None,
-) -> float:
-    """Fraction of batch tokens that are real (not padding), packs batched in the given order.
-
-    Args:
-        pack_lengths: real tokens in each pack (one pack = one row).
-        batch_size: rows per batch; consecutive packs form a batch, the last one may be short.
-        pad_to_length: pad every row to this length (nanoVLM pads to seq_length); None pads each row to the longest
-            row of its batch (what `PackedCollator` does).
-        pad_to_multiple_of: round the padded row length up to a multiple of this.
-
-    Returns:
-        real tokens / (rows x padded row length), summed over batches; 1.0 for no packs.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
-    real = sum(pack_lengths)
-    total = 0
-    for start in range(0, len(pack_lengths), batch_size):
-        rows = pack_lengths[start : start + batch_size]
-        width = max(rows) if pad_to_length is None else pad_to_length
-        if width < max(rows):
-            raise ValueError(f"a pack holds {max(rows)} tokens, more than pad_to_length={pad_to_length}.")
-        if pad_to_multiple_of:
-            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-        total += width * len(rows)
-    return real / total if total else 1.0
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Resumable state
 
@@ -416,7 +311,8 @@ class PackedDataset(IterableDataset):
     - measuring source with `measure_from(start, stride)` and `build_measured(item)`: the first yields a `Measured`
       (or None for a skipped row) per position, the second turns one into a sample (or None: dropped from its pack
       at build time, e.g. a corrupt image; the pack's other samples still train, a pack left empty is not yielded).
-      Only the samples of the pack about to be yielded are built;
+      Only the samples of the pack about to be yielded are built. An optional `new_round()` is called before each
+      round is read, once the previous round's items are all released (a stream's spill file starts over);
     - stream with `iter_from(start, stride)`: yields the samples at positions start, start+stride, ... (lets the
       source skip cheaply, e.g. before decoding images);
     - map-style: `__len__` and `__getitem__(int)`;
@@ -449,8 +345,8 @@ class PackedDataset(IterableDataset):
         seq_length: the most tokens per pack.
         max_images_per_pack: the most images (or tiles, see `image_unit`) per pack; None for no cap.
         buffer_size: source positions per worker per round; bigger packs tighter but delays the first pack. With a
-            measuring source a buffered row costs its measures plus its key (an int, or a stream's undecoded row);
-            otherwise a whole built sample with its pixels.
+            measuring source a buffered row costs its measures plus its key (a few ints: a row index, or where a
+            stream's undecoded row lies in its spill file); otherwise a whole built sample with its pixels.
         seed: seeds the pack order shuffle.
         infinite: loop over epochs forever; False stops after the epoch the state is in.
         image_unit: what the image cap counts: "images" (sample["n_images"]) or "tiles" (pixel_values.shape[0]).
@@ -616,6 +512,8 @@ class PackedDataset(IterableDataset):
             reader = self._read(epoch, worker, num_workers, start)
             from_start, packed = start == 0, 0
             while True:
+                if hasattr(self.source, "new_round"):  # the previous round's keys are all released by now
+                    self.source.new_round()
                 items = list(itertools.islice(reader, self.buffer_size))
                 if not items:
                     break

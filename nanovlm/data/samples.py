@@ -26,10 +26,8 @@ in order by the string of the row's k-th image. The row's image list goes to the
 through the message blocks and back (what `processor.apply_chat_template(tokenize=True)` does for inference, which
 regroups images by counting placeholders); the result is the same ids, answer mask and pixels (tested).
 
-Two adapters turn a row source into the packer's sample source (`nanovlm.data.packing.PackedDataset`), each with
-`measure_from(start, stride)` / `build_measured(item)` for that two-stage reading:
-`SampleDataset` (map-style: `__len__`, `__getitem__` -> sample or None, optional per-epoch permutation) and
-`SampleStream` (a stream, e.g. a streaming `datasets.IterableDataset`: `iter_from(start, stride)`).
+The adapters that serve a row source to the packer through those two stages, `SampleDataset` (map-style) and
+`SampleStream` (a stream), are in `nanovlm.data.readers`.
 
 Counters live in the process that builds: with DataLoader workers each worker counts its own rows (and logs its
 own summary every `log_every` rows); the main process's builder sees none of them.
@@ -42,11 +40,9 @@ import copy
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import datasets
-import numpy as np
 import torch
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -63,7 +59,7 @@ from .conversations import (
     turns_to_messages,
 )
 from .packing import Measured
-from .sources import SHARD_ERROR_COLUMN, stream_rows
+from .sources import SHARD_ERROR_COLUMN
 
 logger = logging.getLogger(__name__)
 _UNREADABLE = object()  # SampleDataset._read_counted: the row could not be read
@@ -388,241 +384,10 @@ def _reserved_tokens(processor: NanoVLMProcessor) -> tuple[str, ...]:
     return tuple(sorted(t for t in tokens if t))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Adapters for the packer
-
-
-def _undecoded_map_source(rows: Any) -> Any:
-    """Rows of a `datasets.Dataset` read as Arrow (images stay {"bytes", "path"} dicts); other sources as given."""
-    if isinstance(rows, datasets.Dataset):
-        return rows.with_format("arrow")
-    return rows
-
-
-class SampleDataset:
-    """Map-style source of samples: `dataset[i]` is row i built into a sample, or None when skipped.
-
-    Args:
-        rows: a `datasets.Dataset` or any sequence of FineVision rows. A `datasets.Dataset` is read with image
-            decoding off, so the builder decodes (and counts) bad images itself.
-        builder: the `SampleBuilder`.
-        seed: if set, `set_epoch(e)` reorders the rows with a permutation seeded by (seed, e), the same in every
-            worker and rank; None keeps the row order.
-        log_every: log the builder's counter summary every this many rows read in this process (None: never).
-        first: a curriculum: in epoch 0 the first `first` rows are all read before the others (each group in its
-            own seeded order); later epochs shuffle all rows together. Needs `seed`.
-    """
-
-    def __init__(
-        self,
-        rows: Sequence[Any],
-        builder: SampleBuilder,
-        seed: int | None = None,
-        log_every: int | None = None,
-        first: int = 0,
-    ) -> None:
-        if not (hasattr(rows, "__len__") and hasattr(rows, "__getitem__")):
-            raise TypeError(
-                f"rows must be map-style (a datasets.Dataset or a sequence), got {type(rows).__name__}; "
-                "use SampleStream for streams."
-            )
-        if not isinstance(first, int) or isinstance(first, bool) or not 0 <= first <= len(rows):
-            raise ValueError(f"first must be an int in [0, {len(rows)}] (the number of rows), got {first!r}.")
-        if first and seed is None:
-            raise ValueError("first (a curriculum prefix) needs a seed: without one the rows are read in order anyway.")
-        self.first = first
-        self.rows = rows
-        self._source = _undecoded_map_source(rows)
-        self._arrow = self._source is not rows
-        self.builder = builder
-        self.seed = seed
-        self.log_every = log_every
-        self.epoch = 0
-        self._order: np.ndarray | None = None
-        self._order_epoch: int | None = None
-        self._reads = 0
-        if seed is not None:
-            self.set_epoch(0)
-
-    @property
-    def counter(self) -> SkipCounter:
-        """The builder's counter (this process's rows only)."""
-        return self.builder.counter
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the row order of `epoch` (a no-op without `seed`; the permutation is cached per epoch)."""
-        self.epoch = epoch
-        if self.seed is not None and self._order_epoch != epoch:
-            n = len(self.rows)
-            dtype = np.int32 if n < 2**31 else np.int64
-            rng = np.random.default_rng([self.seed, epoch])
-            if epoch == 0 and self.first:
-                head, tail = rng.permutation(self.first), self.first + rng.permutation(n - self.first)
-                self._order = np.concatenate([head, tail]).astype(dtype)
-            else:
-                self._order = rng.permutation(n).astype(dtype)
-            self._order_epoch = epoch
-
-    def row_index(self, i: int) -> int:
-        """The row behind position `i` in the current epoch's order."""
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} is out of range for {n} rows.")
-        i %= n
-        return int(self._order[i]) if self._order is not None else i
-
-    def read_row(self, j: int) -> Any:
-        """Row `j` of `rows` as a plain dict (images undecoded for a `datasets.Dataset`)."""
-        row = self._source[j]
-        return row.to_pylist()[0] if self._arrow else row
-
-    def measure_from(self, start: int, stride: int = 1) -> Iterator[Measured | None]:
-        """The measures of the rows at positions start, start + stride, ... of this epoch's order (None for a row
-        skipped by a rule that needs no pixels); each one's key is its row index, all `build_measured` needs."""
-        for i in range(start, len(self), stride):
-            j = self.row_index(i)
-            row = self._read_counted(j)
-            if row is _UNREADABLE:
-                yield None
-                continue
-            measured, _ = self.builder.measure(row, index=j)
-            yield None if measured is None else measured._replace(key=j)
-
-    def build_measured(self, item: Measured) -> dict[str, Any] | None:
-        """The sample of a row measured by `measure_from` (re-read by its index), or None if it fails now."""
-        try:
-            row = self.read_row(item.key)
-        except Exception as err:
-            self.builder.record_error(err, index=item.key)
-            return None
-        return self.builder.build(row, index=item.key, measure=item)[0]
-
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
-        j = self.row_index(i)
-        row = self._read_counted(j)
-        return None if row is _UNREADABLE else self.builder.build(row, index=j)[0]
-
-    def _read_counted(self, j: int) -> Any:
-        """Row `j`, counted as a read (the skip summary is logged every `log_every` reads); `_UNREADABLE` when
-        reading fails (e.g. an unreadable shard), counted like any other bad row."""
-        self._reads += 1
-        if self.log_every and self._reads % self.log_every == 0:
-            self.counter.log_summary(prefix="data: ")
-        try:
-            return self.read_row(j)
-        except Exception as err:
-            self.builder.record_error(err, index=j)
-            return _UNREADABLE
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(rows={len(self)}, seed={self.seed}, epoch={self.epoch}, builder={self.builder!r})"
-        )
-
-
-class SampleStream:
-    """Stream source of samples for the packer: `iter_from(start, stride)` yields the built samples (None for
-    skipped rows) of the rows at positions start, start + stride, ...; rows in between are not built.
-
-    Args:
-        rows: any iterable of FineVision rows, typically a streaming `datasets.IterableDataset` (read with image
-            decoding off; `set_epoch` is passed on to it, which reseeds its shuffle buffer).
-        builder: the `SampleBuilder`.
-        log_every: log the builder's counter summary every this many rows built in this process (None: never).
-
-    `PackedDataset` reads with stride = W (its DataLoader workers; 1 without workers) and start = w (mod W) for its
-    logical worker w, which after a resume need not be the physical DataLoader worker id. For a
-    `datasets.IterableDataset` the reader w of W therefore picks its rows itself, never by the physical worker id
-    (`datasets`' own split inside a worker, which crashed resumes and starved workers when shards were few):
-
-    - at least W shards: reader w reads the shards w, w + W, ... (those `datasets` would give worker w) and
-      positions count the rows of those shards, so each row is read once;
-    - fewer shards than W: every reader reads the whole stream and keeps every W-th row (W x the reading, not
-      the decoding: skipped rows are never built; `build_datasets` warns with the factor).
-
-    Either way nothing is read twice or lost, resume is exact with the same W, and the result does not depend on
-    which process runs which reader.
-    """
-
-    def __init__(self, rows: Iterable[Any], builder: SampleBuilder, log_every: int | None = None) -> None:
-        if not hasattr(rows, "__iter__"):
-            raise TypeError(f"rows must be iterable, got {type(rows).__name__}.")
-        if isinstance(rows, datasets.IterableDataset):
-            rows = rows.decode(False)  # images stay {"bytes", "path"}: the builder counts bad ones
-        self.rows = rows
-        self.builder = builder
-        self.log_every = log_every
-        self.epoch = 0
-        self._built = 0
-
-    @property
-    def counter(self) -> SkipCounter:
-        """The builder's counter (this process's rows only)."""
-        return self.builder.counter
-
-    def set_epoch(self, epoch: int) -> None:
-        """Pass the epoch on to the rows (a `datasets.IterableDataset` reseeds its shuffle buffer with it)."""
-        self.epoch = epoch
-        if hasattr(self.rows, "set_epoch"):
-            self.rows.set_epoch(epoch)
-
-    def _positions(self, start: int, stride: int) -> Iterator[tuple[int, Any]]:
-        if not (isinstance(start, int) and isinstance(stride, int) and start >= 0 and stride >= 1):
-            raise ValueError(f"need start >= 0 and stride >= 1, got start={start!r}, stride={stride!r}.")
-        if not isinstance(self.rows, datasets.IterableDataset):
-            return zip(itertools.count(start, stride), itertools.islice(iter(self.rows), start, None, stride))
-        # Read a copy made by shard() (shard(1, 0) is the whole stream) with this reader's epoch set on it. Why:
-        # datasets keeps a stream's epoch in shared memory, common to all DataLoader workers, and workers reach an
-        # epoch's end at different times, so the original's epoch is whatever worker set it last.
-        if stride > 1 and self.rows.num_shards >= stride:
-            worker, local = start % stride, start // stride
-            part = self.rows.shard(num_shards=stride, index=worker, contiguous=False)
-            part.set_epoch(self.epoch)
-            return zip(itertools.count(start, stride), itertools.islice(stream_rows(part), local, None))
-        whole = self.rows.shard(num_shards=1, index=0)
-        whole.set_epoch(self.epoch)
-        return zip(itertools.count(start, stride), itertools.islice(stream_rows(whole), start, None, stride))
-
-    def iter_from(self, start: int, stride: int = 1) -> Iterator[dict[str, Any] | None]:
-        """Samples (None for skipped rows) of the rows at positions start, start + stride, ..."""
-        for position, row in self._positions(start, stride):
-            yield self.builder.build(row, index=position)[0]
-            self._built += 1
-            if self.log_every and self._built % self.log_every == 0:
-                self.counter.log_summary(prefix="data: ")
-
-    def measure_from(self, start: int, stride: int = 1) -> Iterator[Measured | None]:
-        """The measures of the rows at positions start, start + stride, ... (None for a row skipped by a rule that
-        needs no pixels); each one's key is `(position, raw row)`: a stream cannot be re-read, so the undecoded row
-        (its encoded image bytes, a few hundred kB) is what a packing buffer holds until `build_measured`."""
-        for position, row in self._positions(start, stride):
-            measured, _ = self.builder.measure(row, index=position)
-            yield None if measured is None else measured._replace(key=(position, row))
-            self._built += 1
-            if self.log_every and self._built % self.log_every == 0:
-                self.counter.log_summary(prefix="data: ")
-
-    def build_measured(self, item: Measured) -> dict[str, Any] | None:
-        """The sample of a row measured by `measure_from`, or None (counted) if it fails now (a corrupt image)."""
-        position, row = item.key
-        return self.builder.build(row, index=position, measure=item)[0]
-
-    def __iter__(self) -> Iterator[dict[str, Any] | None]:
-        return self.iter_from(0, 1)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(epoch={self.epoch}, builder={self.builder!r})"
-
-
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "IGNORE_INDEX",
     "SKIP_REASONS",
     "SampleBuilder",
-    "SampleDataset",
-    "SampleStream",
     "SkipCounter",
 ]

@@ -14,7 +14,7 @@ The order that keeps every rank and epoch consistent::
     train = shard_for_rank(train, rank, world_size)    # disjoint, complete shards
     train = shuffle_dataset(train, seed)               # streaming: a seeded buffer, reseeded by set_epoch
 
-Map-style datasets are better reshuffled per epoch by `nanovlm.data.samples.SampleDataset(seed=...)`, which also
+Map-style datasets are better reshuffled per epoch by `nanovlm.data.readers.SampleDataset(seed=...)`, which also
 reads images undecoded so a corrupt image is a counted skip.
 """
 
@@ -128,7 +128,7 @@ def stream_rows(ds: IterableDataset, batch_size: int = 1) -> Iterator[dict[str, 
 
     Why not `iter(ds)`: inside a worker `datasets` hands each worker only the shards of its *physical* worker id
     (and nothing when there are fewer shards than workers); our readers choose shards themselves (see
-    `nanovlm.data.samples.SampleStream`). `IterableDataset.iter` reads without that split.
+    `nanovlm.data.readers.SampleStream`). `IterableDataset.iter` reads without that split.
     """
     for batch in ds.iter(batch_size=batch_size):
         yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
@@ -240,34 +240,63 @@ def load_finevision(
     must have loaded the same configs, else a ValueError names the config and the ranks (see `check_ranks_agree`);
     so every rank must call this function.
     """
-    if isinstance(path_or_id, (list, tuple)):
-        source: str | list[str] = [os.fspath(p) for p in path_or_id]
-        if not source:
-            raise ValueError("path_or_id is an empty list; give a hub id, a folder or data files.")
-    else:
-        source = os.fspath(path_or_id)
+    source = _source_of(path_or_id)
     if isinstance(source, list) and configs is not None:
         raise ValueError(f"configs={configs!r} needs a hub id or a folder; data files have no configs.")
-
-    if configs == "all":
-        names: list[str | None] = list(_config_names(source, revision))
-    elif configs is None:
-        names = [None]
-    elif isinstance(configs, str):
-        names = [configs]
-    else:
-        names = list(configs)
-        if not names:
-            raise ValueError('configs is an empty list; pass None (default config), names, or "all".')
-
+    names = _requested_configs(source, configs, revision)
     kwargs = dict(load_kwargs)
-    if revision is not None:
-        kwargs["revision"] = revision
-    if cache_dir is not None:
-        kwargs["cache_dir"] = cache_dir
+    for key, value in (("revision", revision), ("cache_dir", cache_dir)):
+        if value is not None:
+            kwargs[key] = value
     if num_proc is not None and not streaming:
         kwargs["num_proc"] = num_proc
+    loaded, failures = _load_configs(source, names, split, streaming, stream_num_shards, columns, kwargs)
+    # Before any error of ours, so that no rank is left waiting in the collective.
+    check_ranks_agree(gather_across_ranks(([name for name, _ in loaded], failures)), source)
+    if not loaded:
+        raise ValueError(
+            f"Could not load any of {len(names)} config(s) of {source!r} (split {split!r}); tried:\n  - "
+            + "\n  - ".join(failures)
+            + "\nCheck the path or hub id, the config names and the split; hub downloads need network access "
+            "(unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."
+        )
+    return _combine_configs(loaded, source, streaming)
 
+
+def _source_of(path_or_id: str | os.PathLike | Sequence[str | os.PathLike]) -> str | list[str]:
+    """`load_finevision`'s `path_or_id` as a string, or a list of strings for several data files."""
+    if not isinstance(path_or_id, (list, tuple)):
+        return os.fspath(path_or_id)
+    if not path_or_id:
+        raise ValueError("path_or_id is an empty list; give a hub id, a folder or data files.")
+    return [os.fspath(p) for p in path_or_id]
+
+
+def _requested_configs(
+    source: str | list[str], configs: Sequence[str] | str | None, revision: str | None
+) -> list[str | None]:
+    """The config names `load_finevision` loads: [None] for the default, or the names (every one for "all")."""
+    if configs == "all":
+        return list(_config_names(source, revision))
+    if configs is None:
+        return [None]
+    if isinstance(configs, str):
+        return [configs]
+    if not configs:
+        raise ValueError('configs is an empty list; pass None (default config), names, or "all".')
+    return list(configs)
+
+
+def _load_configs(
+    source: str | list[str],
+    names: Sequence[str | None],
+    split: str,
+    streaming: bool,
+    stream_num_shards: int,
+    columns: Sequence[str] | None,
+    kwargs: dict[str, Any],
+) -> tuple[list[tuple[str | None, AnyDataset]], list[str]]:
+    """Load each config; one that fails is logged and listed as "config: error". Returns (loaded, failures)."""
     loaded: list[tuple[str | None, AnyDataset]] = []
     failures: list[str] = []
     for name in names:
@@ -283,15 +312,11 @@ def load_finevision(
             continue
         logger.info("Loaded %s%s.", label, f": {len(ds)} rows" if isinstance(ds, Dataset) else " (streaming)")
         loaded.append((name, ds))
-    # Before any error of ours, so that no rank is left waiting in the collective.
-    check_ranks_agree(gather_across_ranks(([name for name, _ in loaded], failures)), source)
-    if not loaded:
-        raise ValueError(
-            f"Could not load any of {len(names)} config(s) of {source!r} (split {split!r}); tried:\n  - "
-            + "\n  - ".join(failures)
-            + "\nCheck the path or hub id, the config names and the split; hub downloads need network access "
-            "(unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."
-        )
+    return loaded, failures
+
+
+def _combine_configs(loaded: list[tuple[str | None, AnyDataset]], source: Any, streaming: bool) -> AnyDataset:
+    """One dataset of the loaded configs: interleaved streams (each row once), or concatenated datasets."""
     if len(loaded) == 1:
         return loaded[0][1]
     parts = [ds for _, ds in loaded]

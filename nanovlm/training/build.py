@@ -21,7 +21,8 @@ from ..configuration_nanovlm import NanoVLMConfig
 from ..data.collator import PackedCollator
 from ..data.conversations import RATING_COLUMNS, RatingThresholds
 from ..data.packing import PackedDataset
-from ..data.samples import SampleBuilder, SampleDataset, SampleStream
+from ..data.readers import SampleDataset, SampleStream
+from ..data.samples import SampleBuilder
 from ..data.sources import load_finevision, shard_for_rank, shuffle_dataset, split_train_val, stream_read_factor
 from ..modeling_nanovlm import NanoVLMForConditionalGeneration
 from ..processing_nanovlm import NanoVLMProcessor
