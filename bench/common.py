@@ -43,7 +43,6 @@ import numpy as np
 import torch
 
 from nanovlm import devices
-from nanovlm.data.collator import BOOKKEEPING_KEY
 from nanovlm.data.samples import IGNORE_INDEX
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -348,45 +347,6 @@ def document_like_image(width: int, height: int, seed: int = 0, screenshot: bool
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FLOPs
-
-
-def model_flops(config, stats: dict[str, int]) -> dict[str, float]:
-    """Training FLOPs of one micro-batch, two ways (see nanovlm/training/flops.py for the terms).
-
-    - `package`: `nanovlm.training.flops.estimate_flops`, what the trainer logs as MFU: every token of every row
-      (padding included) and causal attention over the whole padded row, rows * T^2.
-    - `model`: the FLOPs the model needs for the real tokens: 6 * N_text * real tokens, causal attention within
-      each packed sample only (sum of L_i^2 over samples, what a varlen kernel computes), plus the same vision
-      and projector terms. This is the MFU the benches report; it needs `stats["sum_sq_sample_lengths"]`.
-    """
-    from nanovlm.training.flops import _sizes, estimate_flops
-
-    package = estimate_flops(config, stats)
-    n_text, _, _, _ = _sizes(config)
-    text = config.text_config
-    tokens = stats.get("num_real_tokens", 0) + stats.get("num_pad_tokens", 0)
-    rows, row_len = stats.get("num_rows", 0), stats.get("row_length", 0)
-    attn_rows = 6 * text.num_hidden_layers * text.hidden_size * rows * row_len**2
-    attn_samples = 6 * text.num_hidden_layers * text.hidden_size * stats.get("sum_sq_sample_lengths", 0)
-    model = package - 6 * n_text * tokens - attn_rows + 6 * n_text * stats.get("num_real_tokens", 0) + attn_samples
-    return {"package": float(package), "model": float(model)}
-
-
-class StatsCollator:
-    """The real `PackedCollator`, plus `stats["sum_sq_sample_lengths"]` (for the per-sample attention FLOPs)."""
-
-    def __init__(self, collator) -> None:
-        self.collator = collator
-
-    def __call__(self, packs):
-        batch = self.collator(packs)
-        rows = [pack["samples"] if isinstance(pack, dict) else pack for pack in packs]
-        batch[BOOKKEEPING_KEY]["stats"]["sum_sq_sample_lengths"] = sum(len(s["input_ids"]) ** 2 for row in rows for s in row)
-        return batch
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Machine, memory, output
 
 
@@ -491,7 +451,6 @@ __all__ = [
     "SHAPES",
     "RandomSamples",
     "ShapeSpec",
-    "StatsCollator",
     "args_dict",
     "build_config",
     "build_model",
@@ -504,7 +463,6 @@ __all__ = [
     "image_token_ids",
     "machine_info",
     "max_rss_bytes",
-    "model_flops",
     "parameter_counts",
     "photo_like_image",
     "quiet_logging",

@@ -22,9 +22,9 @@ Model FLOPs per step (training = 3x forward), N_* the non-embedding parameters (
     vision     6 * N_vision * P * tiles + 12 * L_vis * d_vis * P^2 * tiles        P: patches per tile
     projector  6 * (d_vis * s^2 * d_text) * image_tokens_per_tile * tiles
 The causal-attention term counts pairs within each sample only (packed samples never attend to each other), i.e.
-what a varlen kernel computes; MFU = model FLOPs / step time / the GPU's dense bf16 peak (nanovlm.training.flops).
-`mfu_package` is the trainer's logged formula (`estimate_flops`): all tokens including padding and attention over
-the whole padded row (rows * T^2), an upper bound that overstates long packs.
+what a varlen kernel computes; MFU = model FLOPs / step time / the GPU's dense bf16 peak. This is
+`nanovlm.training.flops.estimate_flops`, the same function the trainer logs `perf/mfu` with (it counted padding and
+whole-row attention before 2026-12-04, 7% above this figure; BENCHMARKS.md's "old logged" column).
 
 The data pipeline alone: after training, the same DataLoader (`trainer.get_train_dataloader()`) is iterated for
 `--pipeline_batches` batches without a model; `pipeline_ratio` = its steady-state batches/s divided by the rate at
@@ -52,7 +52,6 @@ import torch
 from common import (
     SHAPES,
     RandomSamples,
-    StatsCollator,
     args_dict,
     build_model,
     build_processor_for_shape,
@@ -61,7 +60,6 @@ from common import (
     get_shape,
     machine_info,
     max_rss_bytes,
-    model_flops,
     parameter_counts,
     quiet_logging,
     resolve_device,
@@ -76,7 +74,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from nanovlm.data import PackedCollator, PackedDataset, SampleBuilder, SampleDataset
 from nanovlm.data.collator import BOOKKEEPING_KEY
 from nanovlm.training.arguments import NanoVLMTrainingArguments
-from nanovlm.training.flops import peak_flops
+from nanovlm.training.flops import estimate_flops, peak_flops
 from nanovlm.training.trainer import NanoVLMTrainer
 
 logger = logging.getLogger("bench.train_throughput")
@@ -173,7 +171,7 @@ def build_run(args: argparse.Namespace, shape: str, output_dir: str) -> dict[str
         seed=args.seed, infinite=True,
     )
     pad_multiple = args.pad_to_multiple_of if args.packing else seq_length
-    collator = StatsCollator(PackedCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple))
+    collator = PackedCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple)
 
     lr_mp, lr_vision, lr_language = spec.lrs
     training_args = NanoVLMTrainingArguments(
@@ -219,7 +217,7 @@ def summarize_steps(records: list[dict[str, Any]], warmup: int, config, device: 
     phase = {"data_wait": 0.0, "fwd_bwd": 0.0, "optimizer": 0.0, "other": 0.0}
     wall = 0.0
     sums: dict[str, float] = {}
-    flops = {"package": 0.0, "model": 0.0}
+    flops = 0.0
     for rec in measured:
         step = rec["end"] - rec["prev_end"]
         data_wait = rec["train_start"] - rec["prev_end"]
@@ -232,8 +230,7 @@ def summarize_steps(records: list[dict[str, Any]], warmup: int, config, device: 
         wall += step
         for key, value in rec["stats"].items():
             sums[key] = sums.get(key, 0) + value
-        for key, value in model_flops(config, rec["stats"]).items():
-            flops[key] += value
+        flops += estimate_flops(config, rec["stats"])
     tokens = sums["num_real_tokens"] + sums["num_pad_tokens"]
     peak = peak_flops(device)
     losses = [float(rec["loss"]) for rec in records]
@@ -250,11 +247,9 @@ def summarize_steps(records: list[dict[str, Any]], warmup: int, config, device: 
         "mean_row_length": sums["row_length"] / len(measured),
         "time_s": phase,
         "time_split": {k: v / wall for k, v in phase.items()},
-        "model_tflops_per_s": flops["model"] / wall / 1e12,
-        "package_tflops_per_s": flops["package"] / wall / 1e12,
+        "model_tflops_per_s": flops / wall / 1e12,
         "peak_flops": peak,
-        "mfu": flops["model"] / wall / peak if peak else None,
-        "mfu_package": flops["package"] / wall / peak if peak else None,
+        "mfu": flops / wall / peak if peak else None,
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "losses_finite": all(math.isfinite(x) for x in losses),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -323,3 +324,51 @@ def test_tied_lm_head_is_not_reported_missing_after_a_checkpoint_load(rows, tmp_
         assert [m for m in logged if "missing keys" in m and "lm_head.weight" in m]
     finally:
         hf_logging.remove_handler(handler)
+
+
+def test_flop_estimate_counts_real_tokens_and_attention_within_each_sample(rows):
+    """The logged MFU's FLOPs (what bench/gpu_suite.py reports too): padding is free and packed samples attend only
+    within themselves, so the attention term is sum_i L_i^2, not rows * T^2."""
+    from nanovlm.data.collator import BOOKKEEPING_KEY, PackedCollator
+    from nanovlm.training.flops import _sizes, estimate_flops
+
+    model, processor = tiny_setup()
+    packs = list(itertools.islice(iter(packed_dataset(rows, processor)), 2))
+    batch = PackedCollator(processor.tokenizer.pad_token_id, pad_to_multiple_of=64)(packs)
+    stats = batch[BOOKKEEPING_KEY]["stats"]
+    lengths = [len(s["input_ids"]) for p in packs for s in p["samples"]]
+    assert len(lengths) > 2 and stats["num_pad_tokens"] > 0
+    assert stats["sum_sq_sample_lengths"] == sum(n * n for n in lengths)
+    cfg, text, vision = model.config, model.config.text_config, model.config.vision_config
+    n_text, n_vis, n_proj, patches = _sizes(cfg)
+    tiles = int(batch["pixel_values"].shape[0])
+    expected = (6 * n_text * sum(lengths) + 6 * text.num_hidden_layers * text.hidden_size * sum(n * n for n in lengths)
+                + 6 * n_vis * patches * tiles + 12 * vision.num_hidden_layers * vision.hidden_size * patches**2 * tiles
+                + 6 * n_proj * cfg.image_seq_len * tiles)
+    assert estimate_flops(cfg, stats) == pytest.approx(expected, rel=1e-12)
+    # stats without the per-sample sum (an older collator) fall back to attention over whole rows: an upper bound
+    whole_rows = {k: v for k, v in stats.items() if k != "sum_sq_sample_lengths"}
+    extra = 6 * text.num_hidden_layers * text.hidden_size * (
+        stats["num_rows"] * stats["row_length"] ** 2 - stats["sum_sq_sample_lengths"])
+    assert estimate_flops(cfg, whole_rows) == pytest.approx(expected + extra, rel=1e-12)
+
+
+def test_compile_regions_compiles_each_repeated_layer_not_the_whole_model(rows, tmp_path):
+    """--compile_regions true: Accelerate's regional compilation (the 460m recipe's default, measured on an H200).
+    Compilation is lazy, so preparing the model costs nothing here; the GPU suite times real steps."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from nanovlm.training.arguments import NanoVLMTrainingArguments
+
+    assert NanoVLMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, compile_regions=True).torch_compile
+    model, processor = tiny_setup()
+    args = training_args(tmp_path, compile_regions=True)
+    trainer = make_trainer(model, processor, args, packed_dataset(rows, processor))
+    assert args.torch_compile and trainer.accelerator.state.dynamo_plugin.use_regional_compilation
+    prepared = trainer.accelerator.prepare_model(trainer.model)
+    assert not isinstance(prepared, OptimizedModule)  # the whole model is not one compiled graph
+    for layers in (prepared.model.language_model.layers, prepared.model.vision_tower.encoder.layers):
+        assert layers and all(isinstance(layer, OptimizedModule) for layer in layers)
+    # the compiled layers are the trained parameters (the optimizer sees the same tensors)
+    assert prepared.model.language_model.layers[0]._orig_mod.self_attn.q_proj.weight is \
+        model.model.language_model.layers[0].self_attn.q_proj.weight

@@ -47,7 +47,7 @@ class PackedCollator:
     `cu_seq_lens_q`, `cu_seq_lens_k` (S + 1,) int32 and `max_length_q`, `max_length_k` (int) over the flattened
     batch (every sample and every row's padding is one sequence); and under `BOOKKEEPING_KEY` a dict of `stats`
     (dict of ints: num_rows, row_length, num_samples, num_real_tokens, num_pad_tokens, num_label_tokens,
-    num_images, num_tiles), `data_state` (list of each pack's state, None where a pack had none) and `skipped` (list
+    sum_sq_sample_lengths, num_images, num_tiles), `data_state` (list of each pack's state, None where a pack had none) and `skipped` (list
     of the `{"worker", "counts"}` skip counts the packs carried).
 
     Args:
@@ -93,6 +93,8 @@ class PackedCollator:
             "num_real_tokens": num_real,
             "num_pad_tokens": len(rows) * width - num_real,
             "num_label_tokens": int((batch["labels"] != IGNORE_INDEX).sum()),
+            # sum of squared sample lengths: the causal attention pairs the FLOP estimate counts (training/flops.py)
+            "sum_sq_sample_lengths": sum(len(sample["input_ids"]) ** 2 for samples in rows for sample in samples),
             "num_images": num_images,
             "num_tiles": 0 if pixel_values is None else int(pixel_values.shape[0]),
         }

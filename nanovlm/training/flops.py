@@ -32,18 +32,13 @@ def _non_embedding_params(cfg, kind: str) -> int:
     return layers * (4 * d * d + 2 * d * inter)
 
 
-_SIZES: dict[int, tuple[int, int, int, int]] = {}
-
-
 def _sizes(config) -> tuple[int, int, int, int]:
-    if id(config) in _SIZES:
-        return _SIZES[id(config)]
+    """(N_text, N_vision, N_proj, patches per tile). Computed per call (a few products): a cache keyed by id(config)
+    could hand a new config the sizes of a freed one with the same id."""
     text, vision = config.text_config, config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
     proj = vision.hidden_size * config.pixel_shuffle_factor**2 * text.hidden_size
-    sizes = (_non_embedding_params(text, "text"), _non_embedding_params(vision, "vision"), proj, patches)
-    _SIZES[id(config)] = sizes
-    return sizes
+    return _non_embedding_params(text, "text"), _non_embedding_params(vision, "vision"), proj, patches
 
 
 def estimate_flops(config, stats: dict) -> float:

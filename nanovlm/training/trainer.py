@@ -107,6 +107,10 @@ class NanoVLMTrainer(Trainer):
             "language": self.args.lr_language_backbone,
         }
         self.part_status = apply_freezing(self.model, self.part_lrs)
+        if self.args.compile_regions:
+            # Trainer builds Accelerate's TorchDynamoPlugin without this option (only its environment variable
+            # reaches it); accelerator.prepare reads the flag when it compiles, so setting it here is enough.
+            self.accelerator.state.dynamo_plugin.use_regional_compilation = True
         self.nonfinite_guard = NonFiniteGuard(
             self.args.max_consecutive_nonfinite_losses,
             step_fn=lambda: self.state.global_step,
