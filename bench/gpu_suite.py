@@ -186,6 +186,7 @@ def _train_args(tt, spec_name: str, smoke: bool, p: dict[str, Any], device: str,
     if workers is not None:
         argv += ["--num_workers", str(workers)]
     argv += ["--compile"] if p.get("compile") else []
+    argv += ["--compile_regions"] if p.get("regional") else []  # the recipe's --compile_regions
     argv += ["--gradient_checkpointing"] if p.get("checkpointing") else []
     argv += ["--bf16"] if device == "cuda" else ["--no-bf16"]
     return tt.build_parser().parse_args(argv)
@@ -217,8 +218,6 @@ def run_train(params: dict[str, Any], smoke: bool, cache: Path, rows_fn=None, wo
                     return build_model(*a, **k)
 
             tt.build_model = on_gpu
-        if params.get("regional"):  # Accelerate compiles each repeated block once (read when Trainer builds it)
-            os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "true"
         run = tt.build_run(args, shape, output_dir)
         trainer, setup = run["trainer"], run["setup"]
         trainer.add_callback(_Progress())

@@ -179,7 +179,7 @@ def build_run(args: argparse.Namespace, shape: str, output_dir: str) -> dict[str
         gradient_accumulation_steps=1, lr_mp=lr_mp, lr_vision_backbone=lr_vision, lr_language_backbone=lr_language,
         logging_steps=max(args.steps, 1), eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
         report_to="none", dataloader_num_workers=num_workers, use_cpu=device.type == "cpu", bf16=args.bf16,
-        torch_compile=args.compile, seed=args.seed, data_seed=args.seed, disable_tqdm=True,
+        torch_compile=args.compile, compile_regions=args.compile_regions, seed=args.seed, data_seed=args.seed, disable_tqdm=True,
         **checkpointing_kwargs(args.gradient_checkpointing),
     )
     trainer = TimedTrainer(
@@ -362,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="recompute activations in the backward pass")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile the model (Trainer's torch_compile)")
+    parser.add_argument("--compile_regions", action="store_true",
+                        help="torch.compile each repeated layer once (Accelerate's regional compilation)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--pipeline_batches", type=int, default=100, help="batches for the pipeline-alone timing")
     parser.add_argument("--pipeline_only", action="store_true",
