@@ -326,8 +326,8 @@ class DataArguments(_SyntheticFlags):
     pack_buffer_size: int = HfArg(
         default=2048,
         help="Rows each DataLoader worker packs together: larger packs tighter (real-token fraction 0.99 at 2048 for "
-        "4096-token packs). The buffer holds each row's measures and, for a stream, its undecoded row (its encoded "
-        "image bytes); images are decoded only for the pack about to be yielded.",
+        "4096-token packs). The buffer holds each row's measures (a stream's undecoded rows wait in a per-worker temp file "
+        "under $TMPDIR, ~0.27 MiB each); images are decoded only for the pack about to be yielded.",
         metadata={"min": 1},
     )
     balance_batches: bool = HfArg(
