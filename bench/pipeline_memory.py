@@ -46,7 +46,6 @@ from typing import Any
 
 import numpy as np
 from common import (
-    BOOKKEEPING_KEY,
     args_dict,
     build_config,
     build_processor_for_shape,
@@ -135,6 +134,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from nanovlm.data import PackedCollator, PackedDataset, SampleBuilder, SampleStream
     from nanovlm.data.packing import Measured
     from nanovlm.training.flops import estimate_flops
+    from nanovlm.data.collator import BOOKKEEPING_KEY
 
     torch.set_num_threads(1)  # what a DataLoader worker gets
     spec = get_shape("460m")
