@@ -132,9 +132,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from nanovlm.data import PackedCollator, PackedDataset, SampleBuilder, SampleStream
+    from nanovlm.data.collator import BOOKKEEPING_KEY
     from nanovlm.data.packing import Measured
     from nanovlm.training.flops import estimate_flops
-    from nanovlm.data.collator import BOOKKEEPING_KEY
 
     torch.set_num_threads(1)  # what a DataLoader worker gets
     spec = get_shape("460m")
