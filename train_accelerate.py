@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.lmms_eval_tasks:  # lmms-eval on saved checkpoints, in the background (sbatch or a local process)
         from nanovlm.training.callbacks import LmmsEvalCallback
 
-        trainer.add_callback(LmmsEvalCallback.from_args(training_args))
+        synthetic = data_args.dataset_name_or_path if data_args.synthetic_dataset else None  # the tasks' data
+        trainer.add_callback(LmmsEvalCallback.from_args(training_args, synthetic_data=synthetic))
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
 
     final_dir = os.path.join(training_args.output_dir, "final")

@@ -55,6 +55,7 @@ def test_two_pack_batch_exact_tensors():
         "num_real_tokens": 9,
         "num_pad_tokens": 1,
         "num_label_tokens": 5,
+        "sum_sq_sample_lengths": 3**2 + 2**2 + 4**2,  # causal attention within each sample (training/flops.py)
         "num_images": 2,
         "num_tiles": 3,
     }

@@ -261,6 +261,10 @@ def test_from_args_reads_the_training_arguments(tmp_path):
     assert isinstance(callback.launcher, LocalEvalLauncher)
     assert (callback.interval, callback.launcher.tasks) == (100, ["mmstar", "mme"])
     assert callback.launcher.results_dir == tmp_path / "run" / "eval_results"
+    assert "--synthetic_data" not in callback.launcher.eval_args()
+    # a run on the synthetic dataset points the nanovlm_synthetic tasks at its own data (train_accelerate.py)
+    callback = LmmsEvalCallback.from_args(args, synthetic_data=str(tmp_path / "data"))
+    assert callback.launcher.eval_args()[-2:] == ["--synthetic_data", str(tmp_path / "data")]
     with pytest.raises(ValueError, match="needs --lmms_eval_tasks"):
         LmmsEvalCallback.from_args(training_args(tmp_path / "run"))
 

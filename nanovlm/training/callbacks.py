@@ -81,9 +81,11 @@ class LmmsEvalCallback(TrainerCallback):
         self._tb_writer = None
 
     @classmethod
-    def from_args(cls, args: TrainingArguments, **kwargs) -> LmmsEvalCallback:
+    def from_args(cls, args: TrainingArguments, synthetic_data: str | None = None, **kwargs) -> LmmsEvalCallback:
         """Build from NanoVLMTrainingArguments (`lmms_eval_tasks`, `lmms_eval_interval` and the optional
-        `ARG_DEFAULTS` fields); results go to `lmms_eval_results_dir` (default `{output_dir}/eval_results`)."""
+        `ARG_DEFAULTS` fields); results go to `lmms_eval_results_dir` (default `{output_dir}/eval_results`).
+        `synthetic_data`: the run's synthetic dataset, which the nanovlm_synthetic tasks then read (their YAML default
+        is outputs/synthetic_data in the working directory, another run's data or none)."""
         import importlib.util
 
         value = {name: getattr(args, name, default) for name, default in ARG_DEFAULTS.items()}
@@ -100,6 +102,7 @@ class LmmsEvalCallback(TrainerCallback):
             results_dir, tasks, slurm_template=value["lmms_eval_slurm_template"],
             batch_size=value["lmms_eval_batch_size"], limit=value["lmms_eval_limit"],
             device=value["lmms_eval_device"], max_concurrent=value["lmms_eval_max_concurrent"],
+            extra_args=["--synthetic_data", str(synthetic_data)] if synthetic_data else [],
         )  # fmt: skip
         interval = args.lmms_eval_interval or 2 * getattr(args, "eval_interval", 500)
         return cls(launcher, interval, await_timeout_s=value["lmms_eval_await_timeout"], **kwargs)
