@@ -79,6 +79,7 @@ ITEMS: list[Item] = [
     Item("packed_equivalence_flex", "packed", {"impls": ["flex_attention"]}, True, 150),
     Item("generation_cache", "gen_cache", {}, False, 45),
     Item("generation_speed", "gen_speed", {}, False, 100),
+    Item("generation_speed_static_compile", "gen_speed", {"mode": "static_compile"}, True, 240),
     Item("dataloader_w4", "dataloader", {"workers": 4}, False, 120),
     train("train_fused_adamw_b2", cuda_only=True, fused_adamw=True),
     train("train_liger_b2", cuda_only=True, liger=True),
@@ -412,7 +413,8 @@ def run_gen_cache(params: dict[str, Any], smoke: bool, cache: Path) -> dict:
 
 
 def run_gen_speed(params: dict[str, Any], smoke: bool, cache: Path) -> dict:
-    """Tokens/s with the dynamic KV cache at batch 1 and 32 (bf16 on GPU)."""
+    """Tokens/s with the KV cache at batch 1 and 32 (bf16 on GPU): `params["mode"]` "dynamic" (default) or
+    "static_compile" (static cache + compiled decoding, CUDA graphs on GPU: the remedy for launch-bound decoding)."""
     import torch
 
     common = _bench_imports()
@@ -427,7 +429,7 @@ def run_gen_speed(params: dict[str, Any], smoke: bool, cache: Path) -> dict:
     runs = []
     for batch in (1, 4) if smoke else (1, 32):
         inputs = generation.build_inputs(processor, batch, image, "Describe the picture in detail.", device)
-        r = generation.run_mode(model, inputs, "dynamic", args, device, suppress)
+        r = generation.run_mode(model, inputs, params.get("mode", "dynamic"), args, device, suppress)
         r.pop("tokens", None)
         r.update(batch=batch, prompt_tokens=int(inputs["input_ids"].shape[1]),
                  image_tiles=int(inputs["pixel_values"].shape[0]) // batch)
