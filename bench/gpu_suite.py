@@ -158,7 +158,7 @@ def _liger_loss(trainer):
 _CHILD_START = time.perf_counter()
 
 
-def _Progress():
+def _progress_callback():
     """A callback printing each step's wall time as it ends: a timed-out item's log still shows where time went
     (compilation, data wait) and the steady-state step time."""
     from transformers import TrainerCallback
@@ -221,7 +221,7 @@ def run_train(params: dict[str, Any], smoke: bool, cache: Path, rows_fn=None, wo
             tt.build_model = on_gpu
         run = tt.build_run(args, shape, output_dir)
         trainer, setup = run["trainer"], run["setup"]
-        trainer.add_callback(_Progress())
+        trainer.add_callback(_progress_callback())
         print(f"model and data built at {time.perf_counter() - _CHILD_START:.1f} s", flush=True)
         if params.get("unisolated"):
             trainer.data_collator = Unisolated(trainer.data_collator)

@@ -304,9 +304,7 @@ class SampleStream:
         """Samples (None for skipped rows) of the rows at positions start, start + stride, ..."""
         for position, row in self._positions(start, stride):
             yield self.builder.build(row, index=position)[0]
-            self._built += 1
-            if self.log_every and self._built % self.log_every == 0:
-                self.counter.log_summary(prefix="data: ")
+            self._count_read()
 
     def measure_from(self, start: int, stride: int = 1) -> Iterator[Measured | None]:
         """The measures of the rows at positions start, start + stride, ... (None for a row skipped by a rule that
@@ -317,9 +315,13 @@ class SampleStream:
         for position, row in self._positions(start, stride):
             measured, _ = self.builder.measure(row, index=position)
             yield None if measured is None else measured._replace(key=self._spilled(position, row))
-            self._built += 1
-            if self.log_every and self._built % self.log_every == 0:
-                self.counter.log_summary(prefix="data: ")
+            self._count_read()
+
+    def _count_read(self) -> None:
+        """Count one row read (built or measured); log the skip summary every `log_every` rows."""
+        self._built += 1
+        if self.log_every and self._built % self.log_every == 0:
+            self.counter.log_summary(prefix="data: ")
 
     def build_measured(self, item: Measured) -> dict[str, Any] | None:
         """The sample of a row measured by `measure_from`, or None (counted) if it fails now (a corrupt image)."""
@@ -360,8 +362,6 @@ class SampleStream:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(epoch={self.epoch}, builder={self.builder!r})"
-
-
 
 
 __all__ = ["RowSpill", "SampleDataset", "SampleStream", "SpilledRow"]
