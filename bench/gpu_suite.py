@@ -12,6 +12,8 @@ files there after each item (the device's `$OUT` takes 8 files at most). Items, 
                     samples), `unisolated` (position_ids 0..T-1 over the whole row: one causal mask, the isolation
                     cost's baseline), torch.compile, fused AdamW, Liger fused linear cross-entropy, activation
                     checkpointing, micro-batch 1/2/4. Every variant sees the same data and init: `loss_first` agrees.
+                    `profile=N` items then profile N more steps (bench/step_profile.py): kernel time by kind, the top
+                    kernels, the GPU's busy fraction, forward time per module (under "profile").
     packed_equivalence  per-sample losses of packed rows == the samples run one by one (bf16 autocast on GPU, fp32
                     on CPU; tolerance in the JSON), per attention variant, with the unisolated row as a control
     generation_cache    greedy tokens with and without the KV cache are equal (fp32, TF32 off)
@@ -67,11 +69,13 @@ def train(name: str, budget: int = 45, cuda_only: bool = False, **params) -> Ite
 # Most valuable first: a later timeout only loses the tail. Limits from the first H200 run (2026-12-04): the
 # items that timed out there got about twice their time; a whole pass no longer fits one call: use --items.
 ITEMS: list[Item] = [
-    train("train_sdpa_b2", budget=60),
+    # `profile=N`: N more steps after the timed ones under torch.profiler (bench/step_profile.py): kernel time by
+    # kind, the top kernels and the GPU's busy fraction, i.e. where the step's time goes (MFU was 17.4%).
+    train("train_sdpa_b2", budget=75, profile=2),
     train("train_unisolated_b2", unisolated=True),
     train("train_sdpa_compile_b2", budget=240, cuda_only=True, compile=True),
     train("train_sdpa_regional_compile_b2", budget=200, cuda_only=True, compile=True, regional=True),
-    train("train_regional_compile_b4", budget=200, cuda_only=True, compile=True, regional=True, batch=4),
+    train("train_regional_compile_b4", budget=220, cuda_only=True, compile=True, regional=True, batch=4, profile=2),
     train("train_flex_b2", budget=180, cuda_only=True, attn="flex_attention"),  # flex has no backward on CPU
     Item("packed_equivalence", "packed", {}, False, 150),
     # flex_attention compiles its kernels on first use (it did not finish in 90 s at the 460m shape): without it
@@ -82,7 +86,9 @@ ITEMS: list[Item] = [
     Item("generation_speed_static_compile", "gen_speed", {"mode": "static_compile"}, True, 240),
     Item("dataloader_w4", "dataloader", {"workers": 4}, False, 120),
     train("train_fused_adamw_b2", cuda_only=True, fused_adamw=True),
-    train("train_liger_b2", cuda_only=True, liger=True),
+    # Liger's Triton kernels compile on first use: the second lease timed out at step 4 of 20 (~2.1 s per step
+    # there, 4x eager), too early to tell compilation from a slow steady state; this limit reaches step 20.
+    train("train_liger_b2", budget=120, cuda_only=True, liger=True),
     train("train_ckpt_b2", checkpointing=True),
     train("train_sdpa_b4", batch=4),
     train("train_sdpa_b1", batch=1),
@@ -189,6 +195,7 @@ def _train_args(tt, spec_name: str, smoke: bool, p: dict[str, Any], device: str,
     argv += ["--compile"] if p.get("compile") else []
     argv += ["--compile_regions"] if p.get("regional") else []  # the recipe's --compile_regions
     argv += ["--gradient_checkpointing"] if p.get("checkpointing") else []
+    argv += ["--profile_steps", str(p["profile"])] if p.get("profile") else []
     argv += ["--bf16"] if device == "cuda" else ["--no-bf16"]
     return tt.build_parser().parse_args(argv)
 
@@ -238,8 +245,10 @@ def run_train(params: dict[str, Any], smoke: bool, cache: Path, rows_fn=None, wo
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         trainer.train()
-        result = {**setup, **tt.summarize_steps(trainer.timer.records, args.warmup_steps, run["model"].config,
-                                                  run["device"])}
+        records = trainer.timer.records[: args.steps]  # the profiled steps (`profile`) come after the timed ones
+        result = {**setup, **tt.summarize_steps(records, args.warmup_steps, run["model"].config, run["device"])}
+        if trainer.profiler is not None:
+            result["profile"] = trainer.profiler.summary
         result["train_wall_s"] = time.perf_counter() - start
         if device == "cuda":
             result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
@@ -586,8 +595,14 @@ def summary(record: dict[str, Any]) -> str:
     if kind in ("train", "dataloader"):
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         mem = f"{r['peak_memory_gib']:.1f} GiB" if r.get("peak_memory_gib") else "-"
-        return (f"step {r['step_time_s']:.3f} s, {r['tokens_per_s']:.0f} tok/s, real {r['real_tokens_per_s']:.0f}, "
+        line = (f"step {r['step_time_s']:.3f} s, {r['tokens_per_s']:.0f} tok/s, real {r['real_tokens_per_s']:.0f}, "
                 f"MFU {mfu}, mem {mem}, data wait {100 * r['data_wait_fraction']:.1f}%, loss0 {r['loss_first']:.3f}")
+        if r.get("profile"):
+            prof = r["profile"]
+            busy = prof["device_busy_fraction"]
+            kinds = ", ".join(f"{k} {v['share']:.0%}" for k, v in list(prof["categories"].items())[:3])
+            line += f"; busy {'-' if busy is None else f'{busy:.0%}'}, {kinds}"
+        return line
     if kind == "packed":
         parts = [f"{k}: " + (f"max {v['max_abs_diff_mean_loss']:.2e} ctl {v['control_unisolated_max_abs_diff']:.2e}"
                              if "error" not in v else v["error"][:40]) for k, v in r["variants"].items()]

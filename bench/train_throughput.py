@@ -32,6 +32,9 @@ which training consumes batches when it never waits (1 / (step time - data wait)
 on CPU. On a 2-core CPU the workers compete with the training threads, so the data wait during training is the
 other figure to read.
 
+`--profile_steps N` profiles N more steps after the timed ones (bench/step_profile.py: kernel time by kind, the top
+kernels, the GPU's busy fraction, forward time per module) and writes it under "profile".
+
     python bench/train_throughput.py --shape demo --steps 200 --out bench/results/train_demo.json
     python bench/train_throughput.py --shape 460m --bf16 --steps 200 --attn_implementation flash_attention_2
 """
@@ -68,6 +71,7 @@ from common import (
     torch_threads,
     write_json,
 )
+from step_profile import StepProfiler, format_profile
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -175,7 +179,7 @@ def build_run(args: argparse.Namespace, shape: str, output_dir: str) -> dict[str
 
     lr_mp, lr_vision, lr_language = spec.lrs
     training_args = NanoVLMTrainingArguments(
-        output_dir=output_dir, max_steps=max(args.steps, 1), per_device_train_batch_size=batch_size,
+        output_dir=output_dir, max_steps=max(args.steps, 1) + args.profile_steps, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=1, lr_mp=lr_mp, lr_vision_backbone=lr_vision, lr_language_backbone=lr_language,
         logging_steps=max(args.steps, 1), eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
         report_to="none", dataloader_num_workers=num_workers, use_cpu=device.type == "cpu", bf16=args.bf16,
@@ -190,6 +194,10 @@ def build_run(args: argparse.Namespace, shape: str, output_dir: str) -> dict[str
     sync = torch.cuda.synchronize if training_args.device.type == "cuda" else (lambda: None)
     trainer.timer = StepTimer(sync)
     trainer.add_callback(trainer.timer)
+    trainer.profiler = None
+    if args.profile_steps:  # after the timed steps, so their figures are not slowed by the profiler
+        trainer.profiler = StepProfiler(model, first=max(args.steps, 1), count=args.profile_steps)
+        trainer.add_callback(trainer.profiler)
     setup = {
         "shape": shape, "data": data, "packing": args.packing, "seq_length": seq_length,
         "max_sample_length": max_sample_length, "max_images_per_pack": max_images, "pack_buffer_size": buffer_size, "batch_size": batch_size,
@@ -303,7 +311,10 @@ def run_shape(args: argparse.Namespace, shape: str) -> dict[str, Any]:
                 torch.cuda.reset_peak_memory_stats(device)
             rss_before = max_rss_bytes()
             trainer.train()
-            result.update(summarize_steps(trainer.timer.records, args.warmup_steps, run["model"].config, device))
+            records = trainer.timer.records[: args.steps]  # the profiled steps (--profile_steps) come after
+            result.update(summarize_steps(records, args.warmup_steps, run["model"].config, device))
+            if trainer.profiler is not None:
+                result["profile"] = trainer.profiler.summary
             if device.type == "cuda":
                 result.update(peak_memory_bytes=torch.cuda.max_memory_allocated(device),
                               peak_memory_kind="cuda_max_allocated")
@@ -364,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.compile the model (Trainer's torch_compile)")
     parser.add_argument("--compile_regions", action="store_true",
                         help="torch.compile each repeated layer once (Accelerate's regional compilation)")
+    parser.add_argument("--profile_steps", type=int, default=0,
+                        help="after --steps, profile this many more steps (bench/step_profile.py): kernel time by "
+                             "kind, the top kernels, GPU busy fraction; written under 'profile'")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--pipeline_batches", type=int, default=100, help="batches for the pipeline-alone timing")
     parser.add_argument("--pipeline_only", action="store_true",
@@ -400,6 +414,8 @@ def table_row(result: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     setup_environment()
+    if args.profile_steps < 0:
+        raise SystemExit(f"--profile_steps must be >= 0, got {args.profile_steps}.")
     if not args.pipeline_only and args.steps <= args.warmup_steps:
         raise SystemExit(f"--steps ({args.steps}) must be greater than --warmup_steps ({args.warmup_steps}).")
     machine = machine_info(resolve_device(args.device))
@@ -409,6 +425,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch_threads(args.threads):
         results = [run_shape(args, shape) for shape in args.shape]
     print(format_table([table_row(r) for r in results], COLUMNS))
+    for r in results:
+        if r.get("profile"):
+            print(f"{r['shape']} {format_profile(r['profile'])}")
     for r in results:
         print(f"{r['shape']}: load average start {r['load_average_start']}, end {r['load_average_end']}; "
               f"params {r['params']['total'] / 1e6:.2f}M; pipeline first batch {r['pipeline']['time_to_first_batch_s']:.2f} s")

@@ -187,3 +187,39 @@ def test_rank_balance_reports_the_max_over_mean_of_every_variant(tmp_path, monke
     # pairing reorders the same packs: the work moves between micro-batches but only row padding changes
     assert by_name["images<=18, balanced"]["tflops_per_step_mean"] == pytest.approx(
         by_name["images<=18"]["tflops_per_step_mean"], rel=0.05)
+
+
+def test_train_throughput_profiles_steps_after_the_timed_ones(tmp_path, capsys):
+    bench = load_script("train_throughput")
+    args = TRAIN_ARGS + ["--profile_steps", "2", "--pipeline_batches", "0", "--out", str(tmp_path / "p.json")]
+    bench.main(args)
+    (run,) = read(tmp_path / "p.json")["runs"]
+    assert run["steps"] == 4 and run["measured_steps"] == 3  # the 2 profiled steps are not in the figures
+    profile = run["profile"]
+    assert profile["steps"] == 2 and profile["source"] == "cpu_operator_self_time"  # no CUDA kernels on CPU
+    assert profile["device_busy_fraction"] is None and profile["launches_per_step"] > 0
+    assert sum(v["share"] for v in profile["categories"].values()) == pytest.approx(1.0)
+    assert {"gemm", "attention"} <= set(profile["categories"])
+    assert set(profile["modules_forward"]) == {"vision_tower", "projector", "language_model", "lm_head"}
+    assert profile["modules_forward"]["language_model"]["calls"] == 2  # one forward per profiled step
+    assert profile["top_kernels"][0]["ms_per_step"] >= profile["top_kernels"][-1]["ms_per_step"]
+    assert "profile (cpu_operator_self_time, 2 steps)" in capsys.readouterr().out
+
+
+def test_step_profile_names_kernel_kinds_and_merges_overlapping_kernels():
+    profile = load_script("step_profile")
+    kinds = {
+        "nvjet_tst_192x192_64x3_1x2_h_bz_coopB_TNT": "gemm",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "gemm",
+        "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>": "norm",
+        "void at::native::multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor>": "optimizer",
+        "triton_poi_fused_add_mul_0": "compiled_fusion",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "elementwise",
+        "aten::mm": "gemm",
+        "something_unknown": "other",
+    }
+    assert {name: profile.kind_of(name) for name in kinds} == kinds
+    assert profile._merged_length([(0, 10), (5, 12), (20, 25), (24, 30)]) == 22  # [0, 12) and [20, 30)
+    assert profile._merged_length([]) == 0
