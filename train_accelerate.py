@@ -25,6 +25,7 @@ from transformers import set_seed
 from nanovlm.training.build import (
     build_datasets,
     build_model_and_processor,
+    check_attention_device,
     check_fsdp_device,
     configure_reporting,
     data_position_settings,
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {"completed_step": done}
     set_seed(training_args.seed)
     check_fsdp_device(training_args)
+    check_attention_device(model_args, training_args)
     configure_reporting(model_args, data_args, training_args)
 
     prepare_synthetic_dataset(data_args, training_args)

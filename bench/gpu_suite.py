@@ -77,10 +77,16 @@ ITEMS: list[Item] = [
     train("train_sdpa_regional_compile_b2", budget=200, cuda_only=True, compile=True, regional=True),
     train("train_regional_compile_b4", budget=220, cuda_only=True, compile=True, regional=True, batch=4, profile=2),
     train("train_flex_b2", budget=180, cuda_only=True, attn="flex_attention"),  # flex has no backward on CPU
+    # torch_varlen (nanovlm/attention.py): PyTorch's flash varlen kernel over the collator's cu_seq_lens, so
+    # isolation skips the other samples' blocks instead of computing them under sdpa's mask (10.4% of the step)
+    train("train_varlen_b2", budget=75, cuda_only=True, attn="torch_varlen"),
+    train("train_varlen_regional_compile_b4", budget=220, cuda_only=True, attn="torch_varlen", compile=True,
+          regional=True, batch=4, profile=2),
     Item("packed_equivalence", "packed", {}, False, 150),
     # flex_attention compiles its kernels on first use (it did not finish in 90 s at the 460m shape): without it
     Item("packed_equivalence_sdpa_eager", "packed", {"impls": ["sdpa", "eager"]}, False, 80),
     Item("packed_equivalence_flex", "packed", {"impls": ["flex_attention"]}, True, 150),
+    Item("packed_equivalence_varlen", "packed", {"impls": ["torch_varlen"]}, True, 60),
     Item("generation_cache", "gen_cache", {}, False, 45),
     Item("generation_speed", "gen_speed", {}, False, 100),
     Item("generation_speed_static_compile", "gen_speed", {"mode": "static_compile"}, True, 240),
@@ -333,12 +339,15 @@ def run_packed(params: dict[str, Any], smoke: bool, cache: Path) -> dict:
     return out
 
 
-def _sample_losses(model, input_ids, labels, pixel_values, position_ids, device, cuda):
+def _sample_losses(model, input_ids, labels, pixel_values, position_ids, device, cuda, varlen=None):
+    """Per-token losses (B, T-1) and their label mask; `varlen`: the collator's cu_seq_lens_* / max_length_* (the
+    packed row's sample boundaries, which flash_attention_2 and torch_varlen read)."""
     import torch
 
     from nanovlm.data.samples import IGNORE_INDEX
 
     kw = {"input_ids": input_ids.to(device), "labels": labels.to(device)}
+    kw.update({k: v.to(device) if hasattr(v, "to") else v for k, v in (varlen or {}).items()})
     if pixel_values is not None:
         kw["pixel_values"] = pixel_values.to(device)
     if position_ids is not None:
@@ -355,8 +364,9 @@ def _sample_losses(model, input_ids, labels, pixel_values, position_ids, device,
 def _compare_packed(model, batch, samples, device, cuda, tol) -> dict:
     import torch
 
+    varlen = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k") if k in batch}
     packed, mask = _sample_losses(model, batch["input_ids"], batch["labels"], batch.get("pixel_values"),
-                                  batch["position_ids"], device, cuda)
+                                  batch["position_ids"], device, cuda, varlen)
     rows, length = batch["input_ids"].shape
     arange = torch.arange(length).expand(rows, length)
     mixed, _ = _sample_losses(model, batch["input_ids"], batch["labels"], batch.get("pixel_values"), arange,

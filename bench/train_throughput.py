@@ -83,7 +83,7 @@ from nanovlm.training.trainer import NanoVLMTrainer
 
 logger = logging.getLogger("bench.train_throughput")
 
-ATTN_CHOICES = ["eager", "sdpa", "flash_attention_2", "flex_attention"]
+ATTN_CHOICES = ["eager", "sdpa", "flash_attention_2", "flex_attention", "torch_varlen"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Importing it registers the "nanovlm" model type with transformers' auto classes (AutoConfig, AutoModel,
 AutoModelForImageTextToText, AutoModelForCausalLM, AutoImageProcessor, AutoProcessor) and marks the classes for
-`trust_remote_code` export, so a saved checkpoint loads in a process that never imports nanovlm.
+`trust_remote_code` export, so a saved checkpoint loads in a process that never imports nanovlm. It also registers
+the attention implementation "torch_varlen" (nanovlm/attention.py: packed samples through PyTorch's varlen kernel).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers import (
     AutoProcessor,
 )
 
+from . import attention  # noqa: F401  (registers attn_implementation="torch_varlen" with transformers)
 from .configuration_nanovlm import NanoVLMConfig
 from .image_processing_nanovlm import NanoVLMImageProcessor
 from .modeling_nanovlm import NanoVLMForConditionalGeneration, NanoVLMModel, NanoVLMPreTrainedModel

@@ -204,3 +204,13 @@ def test_one_invalid_argument_is_one_line(tmp_path):
     with pytest.raises(ValueError) as info:
         parse_args(["--config", str(ROOT / "configs/train/demo.yaml"), "--output_dir", str(tmp_path), "--lr_mp", "-1"])
     assert str(info.value) == "--lr_mp must be a finite number >= 0 (0 freezes that module): got -1.0"
+
+
+def test_torch_varlen_attention_on_cpu_stops_at_start(tmp_path):
+    proc = run_entry(["--output_dir", str(tmp_path), "--attn_implementation", "torch_varlen", "--max_steps", "1"])
+    assert proc.returncode == 1
+    assert error_lines(proc) == [
+        "train_accelerate.py: error: --attn_implementation torch_varlen runs PyTorch's flash-attention varlen kernel, "
+        "which needs a CUDA GPU; this run is on CPU: use --attn_implementation sdpa (packed samples stay isolated)"
+    ]
+    assert not (tmp_path / "synthetic_data").exists()  # stopped before building data or a model

@@ -26,7 +26,7 @@ from .checks import as_str_list, field_errors, is_int, is_number, parse_json_dic
 from .errors import ArgumentsError
 from .training_arguments import NanoVLMTrainingArguments, run_name
 
-ATTN_IMPLEMENTATIONS = ["eager", "sdpa", "flash_attention_2", "flex_attention"]
+ATTN_IMPLEMENTATIONS = ["eager", "sdpa", "flash_attention_2", "flex_attention", "torch_varlen"]
 RATING_FIELDS = tuple(f"min_{name}_rating" for name in RATING_COLUMNS)  # one flag per FineVision rating column
 MIN_TOKENIZER_VOCAB_SIZE = 259  # 256 bytes + the three ChatML tokens, see `nanovlm.tokenizer.train_tokenizer`
 
@@ -110,8 +110,10 @@ class ModelArguments:
     )
     attn_implementation: str = HfArg(
         default="sdpa",
-        help="Attention kernel. sdpa, eager and flex_attention keep packed samples isolated; flash_attention_2 needs "
-        "cu_seq_lens kwargs for several packed rows; flex_attention has no backward on CPU.",
+        help="Attention kernel. All keep packed samples isolated: sdpa, eager and flex_attention by a mask from "
+        "position_ids; flash_attention_2 (flash-attn package) and torch_varlen (PyTorch's own flash varlen kernel, "
+        "GPU only; nanovlm/attention.py) by the collator's cu_seq_lens, skipping the other samples' blocks. "
+        "flex_attention has no backward on CPU.",
         metadata={"choices": ATTN_IMPLEMENTATIONS},
     )
     random_init: bool = HfArg(

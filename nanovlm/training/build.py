@@ -312,6 +312,18 @@ def check_fsdp_device(training_args) -> None:
         )
 
 
+def check_attention_device(model_args, training_args) -> None:
+    """`--attn_implementation torch_varlen` runs a CUDA-only kernel: a one-line `UsageError` on a CPU run, before
+    any data or model is built, instead of an error at the first packed forward."""
+    if model_args.attn_implementation == "torch_varlen" and (
+        training_args.use_cpu or not torch.cuda.is_available()
+    ):
+        raise UsageError(
+            "--attn_implementation torch_varlen runs PyTorch's flash-attention varlen kernel, which needs a CUDA GPU; "
+            "this run is on CPU: use --attn_implementation sdpa (packed samples stay isolated)"
+        )
+
+
 def configure_reporting(model_args, data_args, training_args) -> None:
     """nanoVLM-style run name unless one is given; wandb in offline mode (files under the output dir) when no API
     key is configured, so a run without network never blocks on a login prompt."""
@@ -329,4 +341,4 @@ def configure_reporting(model_args, data_args, training_args) -> None:
                         training_args.output_dir)
 
 
-__all__ = ["check_fsdp_device", "data_position_settings", "check_sample_fits", "smallest_image_sample_length", "configure_reporting", "prepare_synthetic_dataset", "load_rows", "build_model_and_processor", "build_datasets", "build_processor_for", "iter_texts"]
+__all__ = ["check_attention_device", "check_fsdp_device", "data_position_settings", "check_sample_fits", "smallest_image_sample_length", "configure_reporting", "prepare_synthetic_dataset", "load_rows", "build_model_and_processor", "build_datasets", "build_processor_for", "iter_texts"]
