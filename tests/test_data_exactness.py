@@ -1,6 +1,7 @@
 """Every row exactly once per epoch, through the data builders (`load_rows` -> `build_datasets`), over 1, 2 and 4
 ranks x 0-3 DataLoader workers, for save_to_disk, parquet and streaming sources, with a config that fails on every
-rank and a corrupt shard; and exact resume at every batch boundary with real DataLoader workers.
+rank and a corrupt shard; exact resume at every batch boundary with real DataLoader workers; and a streaming
+run's held-out rows (--val_size): the first val_size rows in every layout, disjoint from training, together complete.
 
 Ranks are simulated without processes (each rank's builders get its process_index / world_size), and workers by
 giving `PackedDataset` the worker id a DataLoader would (`get_worker_info`): readers choose rows by their logical
@@ -174,3 +175,60 @@ def test_report_counts():
     """Prints the per-configuration counts (rows seen once / duplicated / lost) gathered above (`pytest -s`)."""
     for name, (once, duplicated, lost) in COUNTS.items():
         print(f"{name}: once {once}, duplicated {duplicated}, lost {lost}")
+
+
+# ---- a streaming run's held-out rows (--val_size without --eval_split) ------------------------------------------
+# Shard sizes: uneven, so that an even share of VAL_SIZE per reader would exceed some shard's rows; shard 0 keeps a
+# training row, so that every reader (the one of shard 0 too) reads some training rows in every layout.
+HELD_OUT_SHARDS = {
+    1: [20],
+    3: [12, 4, 5],
+    4: [11, 3, 6, 4],
+    8: [12, 1, 5, 3, 2, 6, 4, 3],
+}
+VAL_SIZE = 10
+
+
+@pytest.fixture(scope="module")
+def sharded_root(tmp_path_factory):
+    """k{K}: K parquet files of HELD_OUT_SHARDS[K] text-only rows answering "r0", "r1", ... in file order."""
+    root = tmp_path_factory.mktemp("held_out")
+    for k, sizes in HELD_OUT_SHARDS.items():
+        (root / f"k{k}").mkdir()
+        rows = Dataset.from_dict({"images": [[]] * sum(sizes),
+                                  "texts": [[{"user": "Which row?", "assistant": f"r{i}"}] for i in range(sum(sizes))]})
+        for j, start in enumerate([sum(sizes[:j]) for j in range(len(sizes))]):
+            rows.select(range(start, start + sizes[j])).to_parquet(str(root / f"k{k}" / f"part-{j}.parquet"))
+    return root
+
+
+def _held_out_build(root, processor, rank, world, workers):
+    data_args = DataArguments(
+        dataset_name_or_path=str(root), streaming=True, val_size=VAL_SIZE, seq_length=96, max_sample_length=96,
+        pack_buffer_size=4, max_images_per_knapsack=4, stream_shuffle_buffer_size=4,
+    )
+    training_args = SimpleNamespace(seed=0, process_index=rank, world_size=world, dataloader_num_workers=workers)
+    train, evaluation, _ = build_datasets(data_args, training_args, processor, *load_rows(data_args, training_args))
+    return train, evaluation
+
+
+@pytest.mark.parametrize("shards", list(HELD_OUT_SHARDS))
+def test_streaming_val_rows_are_the_first_val_size_rows_in_every_layout(
+    sharded_root, tiny_processor, monkeypatch, shards
+):
+    """Train and eval, read as the training loop reads them (every rank, every DataLoader worker; evaluation uses
+    the same --dataloader_num_workers), are disjoint and complete, and eval is exactly the first --val_size rows."""
+    rows = [f"r{i}" for i in range(sum(HELD_OUT_SHARDS[shards]))]
+    for world in (1, 2):
+        for workers in (0, 2, 4):
+            train_seen: Counter[str] = Counter()
+            val_seen: Counter[str] = Counter()
+            for rank in range(world):
+                train, evaluation = _held_out_build(sharded_root / f"k{shards}", tiny_processor, rank, world, workers)
+                for worker in range(max(1, workers)):
+                    for pack in _epoch(train, worker, max(1, workers), monkeypatch):
+                        train_seen.update(_answer(tiny_processor, s) for s in pack["samples"])
+                    val_seen.update(_answer(tiny_processor, s) for pack in evaluation for s in pack["samples"])
+            layout = f"{shards} shard(s), {world} rank(s) x {workers} worker(s)"
+            assert sorted(val_seen.elements()) == sorted(rows[:VAL_SIZE]), layout
+            assert sorted(train_seen.elements()) == sorted(rows[VAL_SIZE:]), layout

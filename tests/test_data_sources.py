@@ -193,6 +193,30 @@ def test_split_train_val_streaming_holds_out_the_first_rows():
     train, val = split_train_val(stream, 3)
     assert _answers(val) == ["s0", "s1", "s2"] and _answers(val) == _answers(split_train_val(stream, 3)[1])
     assert _answers(train) == [f"s{i}" for i in range(3, 10)]
+    # Held out across shards (4 + 2 of shards 0 and 1), the same whichever way the parts are sharded later.
+    stream = _dataset(10, "s").to_iterable_dataset(num_shards=3)  # shards of 4, 3, 3 rows
+    train, val = split_train_val(stream, 6)
+    assert (train.num_shards, val.num_shards) == (3, 2)
+    for readers in (1, 2, 3):
+        for part, want in ((val, range(6)), (train, range(6, 10))):
+            if readers > part.num_shards:  # SampleStream then reads the whole stream
+                continue
+            read = [_answers(part.shard(num_shards=readers, index=i, contiguous=False)) for i in range(readers)]
+            assert sorted(sum(read, []), key=lambda a: int(a[1:])) == [f"s{i}" for i in want], readers
+    with pytest.raises(ValueError, match="val_size=10 must be smaller than the stream's 10 rows"):
+        split_train_val(stream, 10)
+
+
+def test_split_train_val_streaming_interleaved_configs(data_root, monkeypatch):
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)  # see the test above
+    ds = load_finevision(data_root, configs=["a", "b"], streaming=True)
+    train, val = split_train_val(ds, 4)
+    everything = sorted(_answers(ds))
+    for world in (1, 2):
+        read = [(_answers(shard_for_rank(train, r, world)), _answers(shard_for_rank(val, r, world)))
+                for r in range(world)]
+        train_rows, val_rows = sum((t for t, _ in read), []), sum((v for _, v in read), [])
+        assert len(val_rows) == 4 and sorted(train_rows + val_rows) == everything, world
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

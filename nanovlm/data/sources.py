@@ -10,7 +10,7 @@ becomes one marker row (`skip_bad_shards`) that the sample builder counts as `ba
 The order that keeps every rank and epoch consistent::
 
     ds = load_finevision(...)                          # same rows, same order on every rank
-    train, val = split_train_val(ds, val_size, seed)  # the same hold-out on every rank
+    train, val = split_train_val(ds, val_size, seed)  # the same hold-out on every rank, any layout
     train = shard_for_rank(train, rank, world_size)    # disjoint, complete shards
     train = shuffle_dataset(train, seed)               # streaming: a seeded buffer, reseeded by set_epoch
 
@@ -21,6 +21,7 @@ reads images undecoded so a corrupt image is a counted skip.
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -369,24 +370,81 @@ def check_ranks_agree(per_rank: Sequence[tuple[Sequence[str | None], Sequence[st
 
 
 def split_train_val(ds: AnyDataset, val_size: int, seed: int = 0) -> tuple[AnyDataset, AnyDataset | None]:
-    """Hold out `val_size` rows, deterministically for a given `seed` and row order. Returns (train, val).
+    """Hold out `val_size` rows, deterministically for a given `seed` and row order. Returns (train, val), disjoint
+    and together complete. `val_size=0` returns (ds, None).
 
     Map-style: `val_size` rows drawn by a seeded permutation; both parts keep the original row order (contiguous
-    reads), disjoint and together complete. Streaming: the first `val_size` rows (`take`/`skip`), so split before
-    shuffling the stream. `val_size=0` returns (ds, None).
+    reads). Raises ValueError unless `val_size` < the number of rows.
+
+    Streaming: exactly the first `val_size` rows of the stream read shard by shard (its shard 0 from the start, then
+    shard 1, ...; for one source, its first `val_size` rows), whatever the ranks and DataLoader workers later read
+    it. Both parts keep the stream's shards (val only those holding held-out rows), so they still split across
+    readers, with images undecoded (`SampleBuilder` decodes). Costs one read of the first `val_size` + 1 rows here,
+    in every process. Raises ValueError unless the stream has more than `val_size` rows. Split before `shard_for_rank`
+    and `shuffle_dataset`.
     """
     if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
         raise ValueError(f"val_size must be an int >= 0, got {val_size!r}.")
     if val_size == 0:
         return ds, None
     if isinstance(ds, IterableDataset):
-        return ds.skip(val_size), ds.take(val_size)
+        return _split_stream(ds, val_size)
     n = len(ds)
     if val_size >= n:
-        raise ValueError(f"val_size={val_size} must be smaller than the dataset's {n} rows.")
+        raise ValueError(f"val_size={val_size} must be smaller than the dataset's {n} rows: lower --val_size.")
     order = np.random.default_rng(seed).permutation(n)
     val_idx, train_idx = np.sort(order[:val_size]), np.sort(order[val_size:])
     return ds.select(train_idx), ds.select(val_idx)
+
+
+def _held_out_per_shard(ds: IterableDataset, val_size: int) -> list[int]:
+    """How many of the first `val_size` rows (read shard by shard) each shard of `ds` holds; raises ValueError when
+    no row would be left for training."""
+    counts: list[int] = []
+    want = val_size + 1  # one row past the held-out ones: training must keep at least one
+    for i in range(ds.num_shards):
+        part = ds.shard(num_shards=ds.num_shards, index=i, contiguous=True)
+        counts.append(sum(1 for _ in itertools.islice(stream_rows(part), want - sum(counts))))
+        if sum(counts) == want:
+            break
+    if sum(counts) < want:
+        raise ValueError(f"val_size={val_size} must be smaller than the stream's {sum(counts)} rows: lower --val_size.")
+    counts[-1] -= 1
+    return counts + [0] * (ds.num_shards - len(counts))
+
+
+def _shard_slices(
+    shard: list[int], skip: list[int], take: list[int | None], source: IterableDataset
+) -> Iterator[dict[str, Any]]:
+    """`from_generator` body of `_split_stream`: the rows of `source`'s shards `shard`, each without its first
+    `skip` rows and keeping at most `take` (None: the rest). `datasets`' own skip/take on one whole shard, which
+    nothing shards further."""
+    for i, n_skip, n_take in zip(shard, skip, take):
+        part = source.shard(num_shards=source.num_shards, index=i, contiguous=True)
+        part = part.skip(n_skip) if n_skip else part
+        yield from stream_rows(part if n_take is None else part.take(n_take))
+
+
+def _split_stream(ds: IterableDataset, val_size: int) -> tuple[IterableDataset, IterableDataset]:
+    """`split_train_val` of a stream: the first `val_size` rows, independent of how the result is later sharded.
+
+    Hand-written on `from_generator` (one generator input per shard, like `skip_bad_shards`) with a skip/take per
+    shard. Why not `ds.skip(val_size)` / `ds.take(val_size)`: when sharded (ranks, DataLoader workers) `datasets`
+    splits `val_size` evenly over the readers, each skipping/taking its share of its own shards, so the held-out
+    rows changed with the launch layout, and a reader whose shards held fewer rows than its share silently held out
+    fewer (the rest went to training). Here the held-out rows per shard are counted once, by reading them.
+    """
+    counts = _held_out_per_shard(ds, val_size)
+    source = ds.decode(False) if ds.features is not None else ds  # images stay {"bytes", "path"}, not re-encoded
+    held = [i for i, n in enumerate(counts) if n]
+
+    def stream(shard: list[int], skip: list[int], take: list[int | None]) -> IterableDataset:
+        kwargs = {"shard": shard, "skip": skip, "take": take, "source": source}
+        return IterableDataset.from_generator(_shard_slices, features=source.features, gen_kwargs=kwargs)
+
+    train = stream(list(range(ds.num_shards)), counts, [None] * ds.num_shards)
+    val = stream(held, [0] * len(held), [counts[i] for i in held])
+    return train, val
 
 
 def shard_for_rank(ds: AnyDataset, rank: int, world_size: int) -> AnyDataset:

@@ -298,7 +298,8 @@ class DataArguments(_SyntheticFlags):
     val_size: int = HfArg(
         default=0,
         help="Validation examples. Without --eval_split they are held out from the training split (0 = no "
-        "validation); with --eval_split they cap how many of that split are used (0 = all of it).",
+        "validation; --streaming: its first N rows, whatever the ranks and workers); with --eval_split they cap "
+        "how many of that split are used (0 = all of it).",
         metadata={"min": 0},
     )
     eval_split: str | None = HfArg(
