@@ -607,7 +607,9 @@ def summary(record: dict[str, Any]) -> str:
         mem = f"{r['peak_memory_gib']:.1f} GiB" if r.get("peak_memory_gib") else "-"
         line = (f"step {r['step_time_s']:.3f} s, {r['tokens_per_s']:.0f} tok/s, real {r['real_tokens_per_s']:.0f}, "
                 f"MFU {mfu}, mem {mem}, data wait {100 * r['data_wait_fraction']:.1f}%, loss0 {r['loss_first']:.3f}")
-        if r.get("profile"):
+        if r.get("profile") and "error" in r["profile"]:
+            line += f"; {r['profile']['error'][:60]}"
+        elif r.get("profile"):
             prof = r["profile"]
             busy = prof["device_busy_fraction"]
             kinds = ", ".join(f"{k} {v['share']:.0%}" for k, v in list(prof["categories"].items())[:3])

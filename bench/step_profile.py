@@ -175,25 +175,44 @@ class StepProfiler(TrainerCallback):
             torch.cuda.synchronize()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.first and self.profiler is None:
+        if state.global_step == self.first and self.profiler is None and self.summary is None:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            self.ranges = ModuleRanges(self.model)
-            self.profiler = profile(activities=activities)
-            self._sync()
-            self.profiler.__enter__()
+            try:  # a profiler that cannot start (no CUPTI, say) costs the profile, never the item's timings
+                self.ranges = ModuleRanges(self.model)
+                self.profiler = profile(activities=activities)
+                self._sync()
+                self.profiler.__enter__()
+            except Exception as err:
+                self._fail("start", err)
+                return
             self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.profiler is not None and self.summary is None and state.global_step == self.first + self.count:
             self._sync()
             wall = time.perf_counter() - self.started
-            self.profiler.__exit__(None, None, None)
+            try:
+                self.profiler.__exit__(None, None, None)
+                self.summary = summarize_profile(self.profiler, wall, self.count)
+            except Exception as err:
+                self._fail("summary", err)
+            finally:
+                self._close()
+
+    def _fail(self, stage: str, err: Exception) -> None:
+        self.summary = {"error": f"profiler {stage}: {type(err).__name__}: {str(err)[:300]}"}
+        self._close()
+
+    def _close(self) -> None:
+        if self.ranges is not None:
             self.ranges.remove()
-            self.summary = summarize_profile(self.profiler, wall, self.count)
+        self.ranges, self.profiler = None, None
 
 
 def format_profile(summary: dict[str, Any]) -> str:
     """A few readable lines: busy fraction, categories, the top kernels."""
+    if "error" in summary:
+        return f"profile: {summary['error']}"
     busy = summary["device_busy_fraction"]
     lines = [f"profile ({summary['source']}, {summary['steps']} steps): {summary['wall_ms_per_step']:.1f} ms/step wall, "
              f"{summary['work_ms_per_step']:.1f} ms/step work, busy {'-' if busy is None else f'{busy:.1%}'}, "
