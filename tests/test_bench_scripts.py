@@ -223,3 +223,17 @@ def test_step_profile_names_kernel_kinds_and_merges_overlapping_kernels():
     assert {name: profile.kind_of(name) for name in kinds} == kinds
     assert profile._merged_length([(0, 10), (5, 12), (20, 25), (24, 30)]) == 22  # [0, 12) and [20, 30)
     assert profile._merged_length([]) == 0
+
+
+def test_a_failing_profile_keeps_the_timed_figures(tmp_path, monkeypatch):
+    bench = load_script("train_throughput")
+    profile = sys.modules["step_profile"]  # the module train_throughput imported by name
+
+    def broken(prof, wall_s, steps, top=20):
+        raise RuntimeError("no kernels")
+
+    monkeypatch.setattr(profile, "summarize_profile", broken)
+    args = TRAIN_ARGS + ["--profile_steps", "1", "--pipeline_batches", "0", "--out", str(tmp_path / "p.json")]
+    (run,) = bench.main(args)["runs"]
+    assert run["profile"] == {"error": "profiler summary: RuntimeError: no kernels"}
+    assert run["measured_steps"] == 3 and run["tokens_per_s"] > 0
