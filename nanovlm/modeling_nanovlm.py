@@ -17,6 +17,8 @@ Non-standard parts:
   at init, so `from_config` rebuilds the demo model;
 - the text embedding has no padding row (transformers would never train the pad token's input embedding, and
   the pad token is `<|im_end|>` with SmolLM2's tokenizer).
+- the image token is an input placeholder only: `generate` never emits it (`suppress_tokens` of every generation
+  config it runs with, see `suppress_image_token`).
 
 This file is copied next to the weights by `save_pretrained`; it imports its siblings only as `from .x import Y`.
 It knows nothing of model cards or training runs: `NanoVLMTrainer` writes those (nanovlm/training/model_card.py).
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -119,6 +121,20 @@ def init_vision_positions_sincos(vision_tower: nn.Module, scale: float) -> None:
         raise ValueError(f"vision_sincos_position_scale needs a square patch grid, got {count} positions.")
     grid = sincos_position_grid(side, dim).to(device=table.device, dtype=table.dtype)
     init.copy_(table, scale * grid)  # skips a table already loaded from a checkpoint
+
+
+def suppress_image_token(generation_config: GenerationConfig | None, image_token_id: int | None) -> None:
+    """Add `image_token_id` to `generation_config.suppress_tokens` (in place), keeping the tokens already listed.
+
+    The image token only marks where image features go. Generated, it would be a text token with the cache and an
+    image slot without features when the whole sequence is re-run (`use_cache=False`), which raises: no output may
+    contain it, so it is suppressed the transformers way (SuppressTokensLogitsProcessor, greedy and sampling alike).
+    """
+    if generation_config is None or image_token_id is None:
+        return
+    tokens = list(generation_config.suppress_tokens or [])
+    if image_token_id not in tokens:
+        generation_config.suppress_tokens = [*tokens, image_token_id]
 
 
 class NanoVLMPreTrainedModel(PreTrainedModel):
@@ -299,6 +315,21 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
         self.model = NanoVLMModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        suppress_image_token(self.generation_config, config.image_token_id)  # saved with the model
+
+    def adjust_generation_fn(self, *args, **kwargs) -> None:
+        """`from_pretrained`'s loading of generation_config.json; a checkpoint saved before the image token was
+        suppressed gets it added here, so `model.generation_config` (and what is saved again) says so too."""
+        super().adjust_generation_fn(*args, **kwargs)
+        suppress_image_token(self.generation_config, self.config.image_token_id)
+
+    def _prepare_generation_config(self, generation_config: GenerationConfig | None, **kwargs):
+        """The config one `generate` call runs with (GenerationMixin's), always suppressing the image token: also
+        when the call passes its own `generation_config`, or `suppress_tokens` (then theirs plus the image token),
+        or `model.generation_config` was replaced after loading."""
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        suppress_image_token(generation_config, self.config.image_token_id)
+        return generation_config, model_kwargs
 
     # save_pretrained records one auto class per class (`register_for_auto_class`); these point at the same class.
     _extra_auto_classes = ("AutoModelForImageTextToText", "AutoModelForCausalLM")
@@ -456,6 +487,7 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
                 "The tokenizer has no `image_token`; extend it with nanovlm.tokenizer.extend_tokenizer first."
             )
         self.config.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        suppress_image_token(self.generation_config, self.config.image_token_id)
         for cfg in (self.config, self.config.text_config):
             cfg.pad_token_id = tokenizer.pad_token_id
         if self.generation_config is not None:
@@ -465,6 +497,7 @@ class NanoVLMForConditionalGeneration(NanoVLMPreTrainedModel, GenerationMixin):
 
 __all__ = [
     "sincos_position_grid",
+    "suppress_image_token",
     "init_vision_positions_sincos",
     "NanoVLMForConditionalGeneration",
     "NanoVLMModel",

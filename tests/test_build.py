@@ -107,6 +107,8 @@ def test_demo_model_from_its_config_equals_the_training_paths_model_at_init(tmp_
     torch.manual_seed(0)
     trained_path, processor = build_model_and_processor(model_args, rows)
     assert trained_path.config.vision_sincos_position_scale == 2.0  # recorded in the config
+    image_id = trained_path.config.image_token_id
+    assert trained_path.generation_config.suppress_tokens == [image_id]  # generate never emits the placeholder
     # the config also rebuilds the processor's tiling: one 64 px tile (--max_grid 1)
     assert trained_path.config.max_grid == 1
     rebuilt_processor = NanoVLMProcessor.from_config(processor.tokenizer, trained_path.config)
@@ -120,6 +122,7 @@ def test_demo_model_from_its_config_equals_the_training_paths_model_at_init(tmp_
         table = rebuilt.model.vision_tower.embeddings.position_embedding.weight
         assert torch.equal(table, trained_path.model.vision_tower.embeddings.position_embedding.weight)
         assert torch.allclose(table, 2.0 * sincos_position_grid(8, 128))
+        assert rebuilt.generation_config.suppress_tokens == [image_id]
         tower = trained_path.model.vision_tower
         for (name, p), q in zip(rebuilt.model.vision_tower.named_parameters(), tower.parameters()):
             assert torch.equal(p, q), name  # the same seed gives the same tower

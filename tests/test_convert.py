@@ -322,6 +322,7 @@ def test_cli_output_loads_with_auto_classes(original, tmp_path, capsys):
     assert model.config.text_config.rope_parameters["rope_theta"] == 100000.0
     assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<|image|>") == 300
     assert model.generation_config.eos_token_id == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert json.loads((out / "generation_config.json").read_text())["suppress_tokens"] == [300]  # the image token
     cfg, sd = original["cfg"], original["sd"]
     ids, pixels, image_id = nanovlm_reference_inputs(cfg, Image.new("RGB", (64, 64), (10, 200, 30)), "Hi")
     with torch.no_grad():

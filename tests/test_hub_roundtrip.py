@@ -166,6 +166,7 @@ def test_from_backbones_loads_weights_and_extends_vocab(tmp_path):
         new_rows = emb[old_vocab:]
         assert 0.01 < new_rows.std().item() < 0.03  # N(0, 0.02)
         assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image|>")
+        assert model.generation_config.suppress_tokens == [model.config.image_token_id]
         if tie:
             assert model.lm_head.weight.data_ptr() == emb.data_ptr()
         else:

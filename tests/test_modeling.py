@@ -107,7 +107,8 @@ def test_generated_image_token_decodes_with_cache_like_no_cache_greedy(tiny_mode
     new = out[0, prompt_len:]
     assert new[1] == image_token
 
-    # Reference: greedy without any cache, the whole sequence re-run at every step from its embeddings.
+    # Reference: greedy without any cache, the whole sequence re-run at every step from its embeddings; `generate`
+    # suppresses the image token (generation_config.suppress_tokens) before the forcing processor runs.
     base = tiny_model.model
     with torch.no_grad():
         embeds = base.get_input_embeddings()(batch["input_ids"])
@@ -115,6 +116,7 @@ def test_generated_image_token_decodes_with_cache_like_no_cache_greedy(tiny_mode
         ids = batch["input_ids"]
         for _ in range(steps):
             logits = tiny_model(inputs_embeds=embeds, use_cache=False).logits[:, -1]
+            logits[:, image_token] = -float("inf")
             next_id = force(ids, logits).argmax(-1, keepdim=True)
             ids = torch.cat([ids, next_id], dim=1)
             embeds = torch.cat([embeds, base.get_input_embeddings()(next_id)], dim=1)
