@@ -62,6 +62,18 @@ def test_gpu_suite_smoke_records_every_item_and_survives_a_failure(tmp_path):
     assert "===== packed_equivalence" in log and "injected failure" in log
     assert "train_unisolated_b2" in proc.stdout.split("summary")[-1]  # the closing table
 
+    # bench/gpu_report.py turns the results into BENCHMARKS.md's tables, failures listed with their reasons
+    report = subprocess.run([sys.executable, str(ROOT / "bench/gpu_report.py"), str(copy / "results.json")],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert report.returncode == 0, report.stderr[-2000:]
+    text = report.stdout
+    row = next(line for line in text.splitlines() if line.startswith("| train_sdpa_b2 |"))
+    assert f"| {r['step_time_s']:.3f} |" in row and "| - |" in row  # no MFU on CPU
+    assert "**train_sdpa_b2** profile (2 steps, cpu_operator_self_time)" in text
+    assert "| packed == one by one, sdpa, float32 | 1e-04 | True |" in text
+    assert "| greedy generation with vs without KV cache | exact | True |" in text
+    assert "- train_unisolated_b2: failed after" in text and "- fsdp_step: skipped after 0 s: skipped: no CUDA" in text
+
 
 def test_unisolated_control_gives_each_row_one_position_sequence():
     sys.path.insert(0, str(ROOT / "bench"))
