@@ -136,3 +136,31 @@ def test_trainer_steps_reach_the_kernel_and_match_sdpa(monkeypatch, tmp_path):
         calls = len(CALLS)
     assert len(losses["sdpa"]) == 3 and losses["torch_varlen"] == pytest.approx(losses["sdpa"], abs=1e-5)
     assert calls == 3 * run["model"].config.text_config.num_hidden_layers  # every decoder layer of every step
+
+
+def test_a_decoder_layer_compiles_to_one_graph_around_the_kernel(tiny_config, monkeypatch):
+    """What `--compile_regions` compiles (one decoder layer) traces as a single graph with the installed torch's
+    varlen op in it: no graph break in the glue. Tracing needs no kernel (fake tensors); the backend stops before
+    anything runs."""
+    monkeypatch.setattr(attention, "KERNEL_DEVICES", ("cuda", "cpu"))
+    model = NanoVLMForConditionalGeneration._from_config(tiny_config, attn_implementation="torch_varlen").train()
+    text = model.model.language_model
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [*range(12), 0, 1, 2, 3]])
+    hidden = torch.randn(2, 16, tiny_config.text_config.hidden_size, requires_grad=True)
+    cu_seq_lens = torch.tensor([0, 6, 16, 28, 32], dtype=torch.int32)
+    graphs = []
+
+    class Traced(Exception):
+        pass
+
+    def backend(graph_module, example_inputs):
+        graphs.append([str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"])
+        raise Traced
+
+    compiled = torch.compile(text.layers[0], backend=backend, fullgraph=True)  # a graph break would raise here
+    with pytest.raises(Exception, match="Traced"):
+        compiled(hidden, attention_mask=None, position_ids=positions,
+                 position_embeddings=text.rotary_emb(hidden, positions), cu_seq_lens_q=cu_seq_lens,
+                 cu_seq_lens_k=cu_seq_lens, max_length_q=12, max_length_k=12)
+    assert len(graphs) == 1
+    assert any("varlen" in target for target in graphs[0]), graphs[0]
