@@ -92,8 +92,8 @@ ITEMS: list[Item] = [
     Item("generation_speed_static_compile", "gen_speed", {"mode": "static_compile"}, True, 240),
     Item("dataloader_w4", "dataloader", {"workers": 4}, False, 120),
     train("train_fused_adamw_b2", cuda_only=True, fused_adamw=True),
-    # Liger's Triton kernels compile on first use: the second lease timed out at step 4 of 20 (~2.1 s per step
-    # there, 4x eager), too early to tell compilation from a slow steady state; this limit reaches step 20.
+    # The second lease's ~2.1 s per step (4x eager) ran the whole model in fp32: this item's loss called the
+    # model's submodule outside Accelerate's autocast (fixed in _liger_loss). The limit also reaches step 20.
     train("train_liger_b2", budget=120, cuda_only=True, liger=True),
     train("train_ckpt_b2", checkpointing=True),
     train("train_sdpa_b4", batch=4),
@@ -148,6 +148,7 @@ class Unisolated:
 
 def _liger_loss(trainer):
     """Replace the trainer's loss by Liger's fused linear cross-entropy (no (B, T, V) logits are materialised)."""
+    import torch
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     from nanovlm.data.samples import IGNORE_INDEX
@@ -157,10 +158,18 @@ def _liger_loss(trainer):
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         inner = model.module if hasattr(model, "module") else model
-        hidden = inner.model(**inputs, use_cache=False).last_hidden_state  # (B, T, D)
-        targets = labels[:, 1:].reshape(-1)  # next-token targets, as the model's own loss shifts them
-        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        loss = flce(inner.lm_head.weight, hidden, targets)
+        # Accelerate applies bf16 autocast by wrapping the prepared model's own forward; `inner.model` is a submodule
+        # called around it, so the autocast is entered here. Without it (the second lease) the whole model ran in
+        # fp32: that, not Liger, was the 4x slower step.
+        with trainer.accelerator.autocast():
+            hidden = inner.model(**inputs, use_cache=False).last_hidden_state  # (B, T, D)
+            targets = labels[:, 1:].reshape(-1)  # next-token targets, as the model's own loss shifts them
+            hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+            # The residual stream and the master weights are fp32 under autocast, and Liger's GEMMs write into
+            # preallocated buffers (`torch.mm(..., out=)`), which autocast leaves alone: give Liger the autocast
+            # dtype, as a bf16 model would; gradients flow back through the casts.
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+            loss = flce(inner.lm_head.weight.to(dtype), hidden.to(dtype), targets)
         count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
         return loss / count
 
