@@ -696,12 +696,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 record = run_item(item, args, log, left)
             records.append(record)
-            print(f"[{time.perf_counter() - suite_start:6.1f} s] {item.name:24s} {record['status']:8s} "
+            print(f"[{time.perf_counter() - suite_start:6.1f} s] {item.name:34s} {record['status']:8s} "
                   f"{record.get('wall_s', 0):6.1f} s  {summary(record)}", flush=True)
             write_results(args, info, records, log_path)
-    print(f"\n{'item':24s} {'status':8s} {'wall s':>7s}  summary")
+    print(f"\n{'item':34s} {'status':8s} {'wall s':>7s}  summary")
     for record in records:
-        print(f"{record['item']:24s} {record['status']:8s} {record.get('wall_s', 0):7.1f}  {summary(record)}")
+        print(f"{record['item']:34s} {record['status']:8s} {record.get('wall_s', 0):7.1f}  {summary(record)}")
     print(f"total {time.perf_counter() - suite_start:.1f} s; wrote {args.out / 'results.json'}")
     return 0
 
