@@ -74,10 +74,10 @@ def profile_tables(items: list[dict[str, Any]]) -> list[str]:
         lines.append("")
         cats = [[k, f"{v['ms_per_step']:.2f}", f"{100 * v['share']:.1f}%"] for k, v in prof["categories"].items()]
         lines += _table(["kind", "ms/step", "share"], cats) + [""]
-        mods = [[k, f"{v['device_ms'] / prof['steps']:.2f}", f"{v['host_ms'] / prof['steps']:.2f}"]
-                for k, v in prof.get("modules_forward", {}).items()]
+        mods = [[k, f"{v['device_ms'] / prof['steps']:.2f}", f"{v.get('device_span_ms', 0) / prof['steps']:.2f}",
+                 f"{v['host_ms'] / prof['steps']:.2f}"] for k, v in prof.get("modules_forward", {}).items()]
         if mods:
-            lines += _table(["forward of", "device ms/step", "host ms/step"], mods) + [""]
+            lines += _table(["forward of", "kernels ms/step", "GPU span ms/step", "host ms/step"], mods) + [""]
         top = [[f"{k['ms_per_step']:.2f}", f"{100 * k['share']:.1f}%", f"{k['calls_per_step']:.0f}", k["kind"],
                 "`" + k["name"][:100].replace("|", "\\|") + "`"] for k in prof["top_kernels"][:10]]
         lines += _table(["ms/step", "share", "calls/step", "kind", "kernel"], top) + [""]

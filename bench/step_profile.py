@@ -8,8 +8,9 @@ decide the next change:
   are slow: fusion (compile) or better kernels help.
 - `categories`: kernel time by kind (GEMM, attention, norm, elementwise, softmax/loss, optimizer, copies, ...).
 - `top_kernels`: the 20 kernels that take the most time, with their launch counts.
-- `modules`: device and host time inside the forward of each named module (record_function ranges set by forward
-  hooks); the backward is not split by module, its kernels count in `categories`.
+- `modules_forward`: per named module's forward (record_function ranges set by forward hooks): the time of the
+  kernels it launched, its span on the GPU timeline, and its host time; the backward is not split by module, its
+  kernels count in `categories`.
 - `launches_per_step`: kernels launched per step.
 
 On CPU (the smoke test) the "kernels" are the profiled operators' self times, so the same code and JSON run there.
@@ -77,17 +78,42 @@ def _merged_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _is_annotation(event) -> bool:
+    """A range, not work: our `nanovlm::` ranges (kineto also mirrors them on the GPU timeline as
+    gpu_user_annotation events) and the profiler's own step markers."""
+    return bool(getattr(event, "is_user_annotation", False)) or event.name.startswith(("nanovlm::", "ProfilerStep"))
+
+
+def _module_times(prof) -> dict[str, dict[str, float]]:
+    """Per `nanovlm::<module>` range: calls, host ms (CPU range), device ms (the kernels launched inside it) and,
+    on a GPU, the range's span on the GPU timeline."""
+    modules: dict[str, dict[str, float]] = {}
+    for e in prof.events():
+        if not e.name.startswith("nanovlm::"):
+            continue
+        entry = modules.setdefault(e.name.removeprefix("nanovlm::"),
+                                   {"calls": 0, "host_ms": 0.0, "device_ms": 0.0, "device_span_ms": 0.0})
+        if e.device_type == DeviceType.CPU:
+            entry["calls"] += 1
+            entry["host_ms"] += e.cpu_time_total / 1e3
+            entry["device_ms"] += e.device_time_total / 1e3
+        else:
+            entry["device_span_ms"] += e.time_range.elapsed_us() / 1e3
+    return modules
+
+
 def _work_items(prof) -> tuple[list[tuple[str, float, float, float]], str]:
     """(name, duration us, start us, end us) of every GPU kernel, or of every CPU operator's self time when no
     kernel was recorded (a CPU run); and which of the two it is."""
     events = prof.events()
     kernels = [(e.name, e.time_range.elapsed_us(), e.time_range.start, e.time_range.end)
-               for e in events if e.device_type == DeviceType.CUDA and e.time_range.elapsed_us() > 0]
+               for e in events if e.device_type == DeviceType.CUDA and e.time_range.elapsed_us() > 0
+               and not _is_annotation(e)]
     if kernels:
         return kernels, "cuda_kernels"
     ops = [(e.name, e.self_cpu_time_total, e.time_range.start, e.time_range.start + e.self_cpu_time_total)
            for e in events if e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0
-           and not e.name.startswith(("nanovlm::", "ProfilerStep", "autograd::engine"))]
+           and not _is_annotation(e) and not e.name.startswith("autograd::engine")]
     return ops, "cpu_operator_self_time"
 
 
@@ -105,12 +131,6 @@ def summarize_profile(prof, wall_s: float, steps: int, top: int = 20) -> dict[st
         entry[1] += 1
     busy_us = _merged_length([(start, end) for _, _, start, end in items]) if source == "cuda_kernels" else None
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
-    modules = {}
-    for avg in prof.key_averages():
-        if avg.key.startswith("nanovlm::"):
-            modules[avg.key.removeprefix("nanovlm::")] = {
-                "calls": avg.count, "device_ms": avg.device_time_total / 1e3, "host_ms": avg.cpu_time_total / 1e3,
-            }
     return {
         "source": source,
         "steps": steps,
@@ -123,7 +143,7 @@ def summarize_profile(prof, wall_s: float, steps: int, top: int = 20) -> dict[st
         "top_kernels": [{"name": name[:160], "kind": kind_of(name), "calls_per_step": count / steps,
                          "ms_per_step": us / 1e3 / steps, "share": us / total_us if total_us else 0.0}
                         for name, (us, count) in ranked],
-        "modules_forward": modules,
+        "modules_forward": _module_times(prof),
     }
 
 
@@ -218,8 +238,9 @@ def format_profile(summary: dict[str, Any]) -> str:
              f"{summary['work_ms_per_step']:.1f} ms/step work, busy {'-' if busy is None else f'{busy:.1%}'}, "
              f"{summary['launches_per_step']:.0f} launches/step"]
     lines += [f"  {kind:16s} {v['ms_per_step']:9.2f} ms  {v['share']:6.1%}" for kind, v in summary["categories"].items()]
-    lines += [f"  forward {name:14s} device {v['device_ms'] / summary['steps']:8.2f} ms, host "
-              f"{v['host_ms'] / summary['steps']:8.2f} ms per step" for name, v in summary["modules_forward"].items()]
+    lines += [f"  forward {name:14s} kernels {v['device_ms'] / summary['steps']:8.2f} ms, GPU span "
+              f"{v['device_span_ms'] / summary['steps']:8.2f} ms, host {v['host_ms'] / summary['steps']:8.2f} ms per step"
+              for name, v in summary["modules_forward"].items()]
     lines += [f"  {k['ms_per_step']:8.2f} ms {k['share']:6.1%} x{k['calls_per_step']:<6.0f} {k['kind']:14s} "
               f"{k['name'][:90]}" for k in summary["top_kernels"][:12]]
     return "\n".join(lines)
