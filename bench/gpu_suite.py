@@ -260,10 +260,7 @@ def run_train(params: dict[str, Any], smoke: bool, cache: Path, rows_fn=None, wo
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         trainer.train()
-        records = trainer.timer.records[: args.steps]  # the profiled steps (`profile`) come after the timed ones
-        result = {**setup, **tt.summarize_steps(records, args.warmup_steps, run["model"].config, run["device"])}
-        if trainer.profiler is not None:
-            result["profile"] = trainer.profiler.summary
+        result = {**setup, **tt.summarize_run(run, args)}
         result["train_wall_s"] = time.perf_counter() - start
         if device == "cuda":
             result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()

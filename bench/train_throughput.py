@@ -273,6 +273,16 @@ def summarize_steps(records: list[dict[str, Any]], warmup: int, config, device: 
     }
 
 
+def summarize_run(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """`summarize_steps` of a trained `build_run` over its `--steps` timed steps, plus the profile of the
+    `--profile_steps` that came after them (under "profile")."""
+    trainer = run["trainer"]
+    result = summarize_steps(trainer.timer.records[: args.steps], args.warmup_steps, run["model"].config, run["device"])
+    if trainer.profiler is not None:
+        result["profile"] = trainer.profiler.summary
+    return result
+
+
 def measure_pipeline(trainer, batches: int) -> dict[str, Any]:
     """Iterate the training DataLoader alone: time to the first batch, then steady-state batches/s and tokens/s."""
     loader = trainer.get_train_dataloader()
@@ -311,10 +321,7 @@ def run_shape(args: argparse.Namespace, shape: str) -> dict[str, Any]:
                 torch.cuda.reset_peak_memory_stats(device)
             rss_before = max_rss_bytes()
             trainer.train()
-            records = trainer.timer.records[: args.steps]  # the profiled steps (--profile_steps) come after
-            result.update(summarize_steps(records, args.warmup_steps, run["model"].config, device))
-            if trainer.profiler is not None:
-                result["profile"] = trainer.profiler.summary
+            result.update(summarize_run(run, args))
             if device.type == "cuda":
                 result.update(peak_memory_bytes=torch.cuda.max_memory_allocated(device),
                               peak_memory_kind="cuda_max_allocated")

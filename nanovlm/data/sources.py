@@ -401,14 +401,15 @@ def _held_out_per_shard(ds: IterableDataset, val_size: int) -> list[int]:
     """How many of the first `val_size` rows (read shard by shard) each shard of `ds` holds; raises ValueError when
     no row would be left for training."""
     counts: list[int] = []
-    want = val_size + 1  # one row past the held-out ones: training must keep at least one
+    want, seen = val_size + 1, 0  # one row past the held-out ones: training must keep at least one
     for i in range(ds.num_shards):
         part = ds.shard(num_shards=ds.num_shards, index=i, contiguous=True)
-        counts.append(sum(1 for _ in itertools.islice(stream_rows(part), want - sum(counts))))
-        if sum(counts) == want:
+        counts.append(sum(1 for _ in itertools.islice(stream_rows(part), want - seen)))
+        seen += counts[-1]
+        if seen == want:
             break
-    if sum(counts) < want:
-        raise ValueError(f"val_size={val_size} must be smaller than the stream's {sum(counts)} rows: lower --val_size.")
+    if seen < want:
+        raise ValueError(f"val_size={val_size} must be smaller than the stream's {seen} rows: lower --val_size.")
     counts[-1] -= 1
     return counts + [0] * (ds.num_shards - len(counts))
 
