@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("results", nargs="+", type=Path, help="results.json files of bench/gpu_suite.py, in order")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args(argv)
+    for path in args.results:
+        if not path.is_file():
+            parser.error(f"{path}: no such file (give the results.json that bench/gpu_suite.py wrote)")
     text = report(args.results)
     print(text)
     if args.out:

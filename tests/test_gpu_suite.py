@@ -85,3 +85,12 @@ def test_unisolated_control_gives_each_row_one_position_sequence():
 
     batch = gpu_suite.Unisolated(collator)([None, None])
     assert batch["position_ids"].tolist() == [list(range(6))] * 2  # packed samples now see each other
+
+
+def test_gpu_report_names_a_missing_results_file():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_report.py"), "/nonexistent/results.json"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "gpu_report.py: error: /nonexistent/results.json: no such file (give the results.json that "
+        "bench/gpu_suite.py wrote)")
