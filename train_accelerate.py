@@ -36,7 +36,7 @@ from nanovlm.training.errors import NonFiniteLossError, UsageError
 from nanovlm.training.parser import parse_args
 from nanovlm.training.plots import plot_training_curves
 from nanovlm.training.reports import report_synthetic_accuracy
-from nanovlm.training.trainer import NanoVLMTrainer, completed_step
+from nanovlm.training.trainer import NanoVLMTrainer, check_resume_checkpoint, completed_step
 
 logger = logging.getLogger("nanovlm")
 
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"train_accelerate.py: error: {err}") from None
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     resume = training_args.resume_from_checkpoint
+    check_resume_checkpoint(resume)
     done = completed_step(training_args.output_dir, resume, training_args.max_steps)
     if done is not None:  # resuming would train an extra step and overwrite final/: leave the run as it is
         if training_args.process_index == 0:

@@ -201,7 +201,7 @@ def test_incomplete_checkpoint_is_never_loaded(rows, tmp_path):
     assert last_complete_checkpoint(str(tmp_path)).endswith("checkpoint-2")
     model, processor = tiny_setup()
     trainer = make_trainer(model, processor, training_args(tmp_path, max_steps=4), packed_dataset(rows, processor))
-    with pytest.raises(ValueError, match="checkpoint-4 is not a complete checkpoint"):
+    with pytest.raises(ValueError, match="checkpoint-4: not a complete checkpoint"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 4

@@ -120,6 +120,7 @@ def iter_texts(rows, limit: int = 20000) -> Iterator[str]:
 def build_processor_for(config: NanoVLMConfig, tokenizer, model_args) -> NanoVLMProcessor:
     """A processor matching `config` with the image settings of `model_args` (whose `--max_grid` built the
     tokenizer)."""
+    check_tiling(config, model_args)
     normalization = {
         key: value for key in ("image_mean", "image_std") if (value := getattr(model_args, key)) is not None
     }
@@ -127,6 +128,25 @@ def build_processor_for(config: NanoVLMConfig, tokenizer, model_args) -> NanoVLM
         tokenizer, config, max_image_size=model_args.max_image_size, max_grid=model_args.max_grid,
         upscale=model_args.upscale_images, do_normalize=model_args.normalize_images, **normalization,
     )
+
+
+def check_tiling(config: NanoVLMConfig, model_args) -> None:
+    """Raise a one-line `UsageError` when `--tile_size` / `--max_image_size` / `--max_grid` do not fit the model's
+    tile (its vision tower's input size): the parser checks them only against an explicit `--tile_size`."""
+    tile, size, grid = config.tile_size, model_args.max_image_size, model_args.max_grid
+    where = f"the vision tower takes {tile} px tiles (vision_config.image_size)"
+    if model_args.tile_size not in (None, tile):  # the processor tiles at the tower's size: another would be ignored
+        raise UsageError(f"--tile_size {model_args.tile_size}: {where}; drop --tile_size or set it to {tile}")
+    if size < tile or size % tile:
+        raise UsageError(
+            f"--max_image_size {size}: must be a multiple of the tile size, as {where}; use "
+            f"{max(tile, size // tile * tile)}"
+        )
+    if size // tile > grid:
+        raise UsageError(
+            f"--max_image_size {size}: {size // tile} tiles per side, over --max_grid {grid} ({where}); set "
+            f"--max_image_size {grid * tile} or raise --max_grid"
+        )
 
 
 def build_model_and_processor(model_args, train_rows=None):

@@ -15,7 +15,7 @@ list-valued fields lists. Unlike plain `HfArgumentParser`:
   demo's curriculum), except `report_to`, where "none" names no logger;
 - parse and validation errors raise `ValueError` (`ArgumentsError` lists every invalid value of all three
   dataclasses at once) instead of exiting, so callers and tests see the message;
-- `--output_dir` is required, from the YAML or the CLI;
+- `--output_dir` is required, from the YAML or the CLI; an empty `--config` file is an error, not "all defaults";
 - without validation data (`--val_size 0` and no `--eval_split`) the default `--eval_strategy steps` becomes "no";
   an explicit `--eval_strategy` or `--load_best_model_at_end` then fails naming the fix.
 """
@@ -114,13 +114,17 @@ class NanoVLMArgumentParser(HfArgumentParser):
         """Read a YAML recipe and convert every value like its CLI flag would be; raises naming key and file."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"--config {path}: no such file; pass the path of a YAML recipe (configs/train/)")
+            what = "a folder, not a file" if path.is_dir() else "no such file"
+            raise FileNotFoundError(f"--config {path}: {what}; pass the path of a YAML recipe (configs/train/)")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ValueError(f"--config {path}: not valid YAML: {exc}") from exc
-        if data is None:
-            return {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:  # PyYAML's message spans lines (with a caret): flatten
+            raise ValueError(f"--config {path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+        if data is None:  # an empty file is a wrong or truncated path, not a recipe: every default would apply
+            raise ValueError(
+                f"--config {path}: the file holds no settings (empty or only comments); pass a recipe such as "
+                "configs/train/demo.yaml, or drop --config and give the flags on the command line"
+            )
         if not isinstance(data, dict):
             raise ValueError(
                 f"--config {path}: must be a mapping of argument names to values, got {type(data).__name__}"
@@ -227,8 +231,8 @@ class NanoVLMArgumentParser(HfArgumentParser):
             return dtype(**{k: v for k, v in values.items() if k in keys})
         except ArgumentsError as exc:
             errors += exc.errors
-        except ValueError as exc:  # TrainingArguments' own checks
-            errors.append(str(exc))
+        except ValueError as exc:  # TrainingArguments' own checks; some span lines: one line each, as ours
+            errors.append(" ".join(str(exc).split()))
         return None
 
     def _unsets_none(self, name: str) -> bool:

@@ -83,6 +83,24 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+def check_resume_checkpoint(resume_from_checkpoint: str | bool | None) -> None:
+    """Raise a one-line `UsageError` when `--resume_from_checkpoint` names a folder (not `true`) that is missing or not
+    a complete checkpoint; called at start, before any data or model is built."""
+    if not resume_from_checkpoint or str(resume_from_checkpoint).lower() in ("true", "false"):
+        return
+    path = str(resume_from_checkpoint)
+    if not os.path.isdir(path):
+        what = "no such folder" if not os.path.exists(path) else "not a folder"
+    elif is_complete_checkpoint(path):
+        return
+    else:
+        what = f"not a complete checkpoint (no readable {TRAINER_STATE_NAME})"
+    raise UsageError(
+        f"--resume_from_checkpoint {path}: {what}; pass a checkpoint-N folder this trainer saved, or true for the "
+        "last complete one in --output_dir (--model_name_or_path DIR fine-tunes a saved model instead)"
+    )
+
+
 def completed_step(output_dir: str, resume_from_checkpoint: str | bool | None, max_steps: int) -> int | None:
     """The step of the checkpoint a resume would start from when it already reached `max_steps` (the run is complete:
     resuming would train an extra step and overwrite its outputs), else None. Only a positive `max_steps` is
@@ -480,11 +498,7 @@ class NanoVLMTrainer(Trainer):
             if resume_from_checkpoint is None:
                 logger.warning("No complete checkpoint in %s: training from scratch.", self.args.output_dir)
         if resume_from_checkpoint:
-            if not is_complete_checkpoint(resume_from_checkpoint):
-                raise ValueError(
-                    f"{resume_from_checkpoint} is not a complete checkpoint (no readable {TRAINER_STATE_NAME}); pass "
-                    "--resume_from_checkpoint true to pick the last complete one."
-                )
+            check_resume_checkpoint(resume_from_checkpoint)
             self._check_run_settings(resume_from_checkpoint)
             if self.args.resume_restart_data:
                 self.args.ignore_data_skip = True  # the data restarts: Trainer must not skip batches either
@@ -510,7 +524,10 @@ class NanoVLMTrainer(Trainer):
         if not hasattr(dataset, "load_state_dict"):
             return
         if not os.path.isfile(path):
-            raise ValueError(f"{checkpoint} has no {DATA_STATE_NAME}: cannot restore the position in the data.")
+            raise UsageError(
+                f"--resume_from_checkpoint {checkpoint}: no {DATA_STATE_NAME}, so the position in the data cannot be "
+                "restored; pass --resume_restart_data true to resume the rest and restart the data"
+            )
         with open(path) as f:
             saved = json.load(f)
         if saved["world_size"] != self.args.world_size:

@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 from transformers.hf_argparser import HfArg
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
-from .checks import as_str_list, check_range, field_errors, is_number
+from .checks import as_str_list, check_int, check_range, field_errors, is_int, is_number
 from .errors import ArgumentsError
 
 if TYPE_CHECKING:
@@ -262,7 +262,7 @@ class NanoVLMTrainingArguments(TrainingArguments):
     def _validate_nanovlm(self) -> list[str]:
         """Check nanoVLM's own fields (the bounds they declare, then the rules across fields); returns one message
         per problem."""
-        errors = field_errors(self, skip=_BASE_FIELDS)
+        errors = field_errors(self, skip=_BASE_FIELDS) + self._base_field_errors()
         lrs = {name: getattr(self, name) for name in ("lr_mp", "lr_vision_backbone", "lr_language_backbone")}
         for name, value in lrs.items():
             if not is_number(value) or not math.isfinite(value) or value < 0:
@@ -299,6 +299,38 @@ class NanoVLMTrainingArguments(TrainingArguments):
             self.lora_target_modules = targets
             if self.use_lora is True and not targets:
                 errors.append("--lora_target_modules must name at least one module with --use_lora true: got []")
+        return errors
+
+    def _base_field_errors(self) -> list[str]:
+        """TrainingArguments fields it leaves unchecked, whose bad values would otherwise surface only after the data
+        and the model are built (a DataLoader traceback, a modulo by zero) or be silently ignored."""
+        errors: list[str] = []
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            check_int(errors, name, getattr(self, name), 1)
+        check_int(errors, "dataloader_num_workers", self.dataloader_num_workers, 0)
+        max_steps = self.max_steps
+        if not is_int(max_steps) or max_steps < 1:  # Trainer's epoch mode needs a dataset length; a stream has none
+            errors.append(
+                f"--max_steps must be an integer >= 1 (the packed training data is a stream without a length, so the "
+                f"run is counted in optimizer steps): got {max_steps!r}"
+            )
+        elif is_number(self.warmup_steps) and self.warmup_steps > max_steps:
+            errors.append(
+                f"--warmup_steps must be at most --max_steps ({max_steps}) or a fraction < 1 of it (nanoVLM: 0.03), "
+                f"else the LR never reaches its peak: got {self.warmup_steps!r}"
+            )
+        if not is_int(self.seed) or not 0 <= self.seed < 2**32:  # numpy's seeding refuses anything else
+            errors.append(f"--seed must be an integer in [0, 2**32 - 1]: got {self.seed!r}")
+        if self.max_grad_norm is not None and (not is_number(self.max_grad_norm) or self.max_grad_norm < 0):
+            errors.append(f"--max_grad_norm must be a number >= 0 (0 turns clipping off): got {self.max_grad_norm!r}")
+        strategy = getattr(self.save_strategy, "value", self.save_strategy)
+        if strategy == "steps" and self.save_steps is not None and (
+            not is_number(self.save_steps) or self.save_steps <= 0
+        ):  # Trainer would never save mid-run, silently
+            errors.append(
+                f"--save_steps must be > 0 with --save_strategy steps (a step count, or below 1 a fraction of "
+                f"--max_steps): got {self.save_steps!r}; or set --save_strategy no"
+            )
         return errors
 
     def _use_cpu_for_several_processes_without_gpu(self) -> None:
