@@ -164,3 +164,20 @@ def test_nanovlm_config_without_weights(checkpoint, tmp_path, capsys):
     (tmp_path / "config.json").write_text((checkpoint["dir"] / "config.json").read_text())
     result = run(capsys, "--model", tmp_path, "--prompt", PROMPT)
     _assert_one_line_error(*result, match=f"cannot load model {tmp_path} (")
+
+
+def test_corrupt_weights_file(checkpoint, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoint["dir"], copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    result = run(capsys, "--model", copy, "--prompt", PROMPT)
+    _assert_one_line_error(*result, match=f"cannot load model {copy} (SafetensorError: ")
+
+
+def test_image_token_in_the_prompt_points_to_image(checkpoint, capsys):
+    result = run(capsys, "--model", checkpoint["dir"], "--prompt", "What is in <|image|>?")
+    _assert_one_line_error(*result, match="--prompt holds <|image|>, a token reserved for images; pass images with "
+                                          "--image (they go before the prompt) and leave the token out")

@@ -230,6 +230,8 @@ BAD_ROWS = {
     "ratings_length": (_row(GOOD_TURN, ("q?", "a"), relevance_ratings=[5]), "bad_ratings"),
     "ratings_string": (_row(GOOD_TURN, formatting_ratings="5"), "bad_ratings"),
     "ratings_none_entry": (_row(GOOD_TURN, formatting_ratings=[None]), "bad_ratings"),
+    "rating_above_scale": (_row(GOOD_TURN, relevance_ratings=[7]), "bad_ratings"),  # would pass every filter
+    "rating_below_scale": (_row(GOOD_TURN, image_correspondence_ratings=[0]), "bad_ratings"),
     "row_none": (None, "bad_row"),
     "row_string": ("What color? red", "bad_row"),
     "im_end_in_answer": (_row(("What color?", "red<|im_end|>")), "special_token_in_text"),

@@ -8,7 +8,8 @@ The checkpoint (a folder or a hub id) is loaded with AutoModel/AutoProcessor(tru
 checkpoint works, converted nanoVLM ones included. The images go first in the user turn, then the prompt (nanoVLM's
 order); an optional `--system` turn comes before. The answer is streamed with transformers' `TextIteratorStreamer`
 while `generate` runs in a thread; stdout receives only the answer. Input problems (missing or unreadable image, no such
-model folder, unreachable hub id, a checkpoint that is not a nanovlm one) end with exit status 2 and one line on stderr.
+model folder, unreachable hub id, a checkpoint that is not a nanovlm one, a corrupt weights file, an image token typed
+into the prompt) end with exit status 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -207,10 +208,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from transformers import AutoModel, AutoProcessor, set_seed
 
+    from safetensors import SafetensorError
+
     try:
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+        reserved = [t for t in (processor.image_token, processor.global_image_token) if t in args.prompt]
+        if reserved:  # the processor would read it as an image slot without an image (a ValueError trace)
+            raise UsageError(f"--prompt holds {', '.join(reserved)}, a token reserved for images; pass images with "
+                             "--image (they go before the prompt) and leave the token out")
         model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
-    except (OSError, ValueError) as err:  # e.g. a config without weights or processor files
+    except UsageError as err:
+        print(f"nanovlm-generate: error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, SafetensorError) as err:  # no weights or processor files; a corrupt weights file
         print(f"nanovlm-generate: error: cannot load model {args.model} ({_first_line(err)})", file=sys.stderr)
         return 2
     model = model.to(device).eval()

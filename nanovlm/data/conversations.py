@@ -42,6 +42,7 @@ RATING_COLUMNS: dict[str, str] = {
     "visual_dependency": "visual_dependency_ratings",
     "formatting": "formatting_ratings",
 }
+RATING_MIN, RATING_MAX = 1, 5  # FineVision's scale; thresholds and ratings outside it are errors
 
 # Skip reasons produced here (samples.py adds image and length reasons).
 SKIP_REASONS: dict[str, str] = {
@@ -49,7 +50,8 @@ SKIP_REASONS: dict[str, str] = {
     "no_texts": "`texts` is missing, None or an empty list",
     "bad_texts": "`texts` is not a list (e.g. a string)",
     "bad_turn": "a turn is not a dict, or its user/assistant text is missing, not a string or empty",
-    "bad_ratings": "a rating list is not a list, its length differs from `texts`, or it holds a non-number",
+    "bad_ratings": "a rating list is not a list, its length differs from `texts`, or it holds a non-number or a "
+    "rating outside 1..5",
     "no_turns_after_rating_filter": "every turn is under some rating threshold",
     "image_placeholder_mismatch": "the user texts hold image placeholders, but not one per image",
     "special_token_in_text": "a text holds a reserved special token (or an answer holds an image placeholder)",
@@ -77,7 +79,7 @@ class RatingThresholds:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
+            if isinstance(value, bool) or not isinstance(value, int) or not RATING_MIN <= value <= RATING_MAX:
                 raise ValueError(
                     f"RatingThresholds.{f.name} must be an int in 1..5 (1 keeps every turn), got {value!r}."
                 )
@@ -142,6 +144,8 @@ def filter_turns(row: Any, thresholds: RatingThresholds | None = None) -> tuple[
             )
         if not all(_is_rating(r) for r in ratings):
             raise SkipSample("bad_ratings", f"{column} holds a non-number: {list(ratings)!r}")
+        if not all(RATING_MIN <= r <= RATING_MAX for r in ratings):  # a 7 would pass every filter, a 0 fail every one
+            raise SkipSample("bad_ratings", f"{column} holds a rating outside {RATING_MIN}..{RATING_MAX}: {list(ratings)!r}")
         keep = [k and r >= minimum for k, r in zip(keep, ratings)]
     kept = [t for t, k in zip(turns, keep) if k]
     if not kept:
