@@ -47,6 +47,29 @@ SMOLLM2_360M = {
 SUPPORTED_VISION_MODEL_TYPES = ("siglip_vision_model",)
 
 
+def check_sub_config_sizes(name: str, config: dict | PreTrainedConfig) -> None:
+    """Raise a one-line ValueError when a vision/text sub-config (a dict or a config) has a size that is not a positive
+    int, or heads that do not divide its width: caught here, not as a shape error in the first forward."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    keys = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+    keys += ["image_size", "patch_size"] if name == "vision_config" else ["num_key_value_heads", "vocab_size"]
+    for key in keys:
+        value = get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}.{key} must be a positive int, got {value!r}.")
+    hidden, heads, kv_heads = get("hidden_size"), get("num_attention_heads"), get("num_key_value_heads")
+    if hidden and heads and get("head_dim") is None and hidden % heads:  # a set head_dim frees the width (Llama)
+        raise ValueError(
+            f"{name}.hidden_size ({hidden}) must be divisible by {name}.num_attention_heads ({heads}); choose a head "
+            f"count that divides {hidden}."
+        )
+    if heads and kv_heads and heads % kv_heads:
+        raise ValueError(
+            f"{name}.num_attention_heads ({heads}) must be a multiple of {name}.num_key_value_heads ({kv_heads}) (each "
+            f"key/value head serves a whole group of query heads); choose a key/value head count that divides {heads}."
+        )
+
+
 class NanoVLMConfig(PreTrainedConfig):
     r"""Configuration of a [`NanoVLMForConditionalGeneration`].
 
@@ -106,6 +129,8 @@ class NanoVLMConfig(PreTrainedConfig):
             value = getattr(self, key)
             if value is not None and not isinstance(value, (dict, PreTrainedConfig)):
                 raise TypeError(f"`{key}` must be None, a dict or a PreTrainedConfig, got {type(value).__name__}.")
+            if isinstance(value, dict):  # before transformers builds it: its own checks raise a two-line error
+                check_sub_config_sizes(key, value)
             if SubConfigSpec is None and not isinstance(value, PreTrainedConfig):
                 # what transformers >= 5.23 does from `sub_configs_defaults` inside its own __post_init__
                 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -138,6 +163,8 @@ class NanoVLMConfig(PreTrainedConfig):
 
     def validate_sizes(self) -> None:
         """Cross-field checks; raises ValueError naming the fields, their values and the fix."""
+        check_sub_config_sizes("vision_config", self.vision_config)
+        check_sub_config_sizes("text_config", self.text_config)
         vc = self.vision_config
         s = self.pixel_shuffle_factor
         if not isinstance(s, int) or isinstance(s, bool) or s < 1:

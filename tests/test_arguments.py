@@ -182,6 +182,80 @@ def test_missing_or_malformed_config_file(tmp_path):
         parse_args(["--config", str(config), "--output_dir", str(tmp_path)])
 
 
+@pytest.mark.parametrize("text", ["", "# a recipe whose settings were lost\n"])
+def test_empty_config_file_is_an_error_not_all_defaults(tmp_path, text):
+    config = write_yaml(tmp_path, text)
+    with pytest.raises(ValueError) as info:
+        parse_args(["--config", str(config), "--output_dir", str(tmp_path)])
+    assert str(info.value) == (
+        f"--config {config}: the file holds no settings (empty or only comments); pass a recipe such as "
+        "configs/train/demo.yaml, or drop --config and give the flags on the command line"
+    )
+
+
+def test_config_folder_and_invalid_yaml_are_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        parse_args(["--config", str(tmp_path), "--output_dir", str(tmp_path)])
+    assert str(info.value) == f"--config {tmp_path}: a folder, not a file; pass the path of a YAML recipe (configs/train/)"
+    config = write_yaml(tmp_path, "max_steps: [1,\n")
+    with pytest.raises(ValueError, match=r"--config .*recipe\.yaml: not valid YAML: .*line 2") as info:
+        parse_args(["--config", str(config), "--output_dir", str(tmp_path)])
+    assert "\n" not in str(info.value)  # PyYAML's message spans lines with a caret
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be an integer >= 1: got 0"),
+        (["--per_device_eval_batch_size", "-2"], "--per_device_eval_batch_size must be an integer >= 1: got -2"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be an integer >= 1: got 0"),
+        (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be an integer >= 0: got -1"),
+        (
+            ["--max_steps", "0"],
+            "--max_steps must be an integer >= 1 (the packed training data is a stream without a length, so the run "
+            "is counted in optimizer steps): got 0",
+        ),
+        (
+            ["--max_steps", "100", "--warmup_steps", "500"],
+            "--warmup_steps must be at most --max_steps (100) or a fraction < 1 of it (nanoVLM: 0.03), else the LR "
+            "never reaches its peak: got 500.0",
+        ),
+        (["--seed", "-1"], "--seed must be an integer in [0, 2**32 - 1]: got -1"),
+        (["--max_grad_norm", "-1"], "--max_grad_norm must be a number >= 0 (0 turns clipping off): got -1.0"),
+        (
+            ["--save_strategy", "steps", "--save_steps", "0"],
+            "--save_steps must be > 0 with --save_strategy steps (a step count, or below 1 a fraction of --max_steps): "
+            "got 0.0; or set --save_strategy no",
+        ),
+    ],
+)
+def test_training_loop_values_fail_at_parse_time(tmp_path, flags, message):
+    """Before, these parsed and failed after the data and model were built (a DataLoader or numpy traceback, a
+    modulo by zero, Trainer's epoch-mode error), or were silently ignored (no clipping, no mid-run checkpoint)."""
+    with pytest.raises(ArgumentsError) as info:
+        parse_args(["--config", str(REPO / "configs/train/demo.yaml"), "--output_dir", str(tmp_path), *flags])
+    assert str(info.value) == message
+
+
+def test_model_config_is_checked_at_parse_time(tmp_path):
+    base = ["--config", str(REPO / "configs/train/demo.yaml"), "--output_dir", str(tmp_path), "--model_config"]
+    with pytest.raises(ArgumentsError) as info:
+        parse_args([*base, '{"pixel_shufle_factor": 2, "text_config": {"hidden_size": 64, "num_atention_heads": 4}}'])
+    assert info.value.errors == [
+        "--model_config has the unknown key `pixel_shufle_factor` (did you mean pixel_shuffle_factor?); NanoVLMConfig "
+        "would silently ignore it",
+        "--model_config text_config has the unknown key `num_atention_heads` (did you mean num_attention_heads?); "
+        "LlamaConfig would silently ignore it",
+    ]
+    with pytest.raises(ArgumentsError) as info:
+        parse_args([*base, '{"text_config": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3}}'])
+    assert str(info.value) == (
+        "--model_config is not a valid NanoVLMConfig: text_config.num_attention_heads (4) must be a multiple of "
+        "text_config.num_key_value_heads (3) (each key/value head serves a whole group of query heads); choose a "
+        "key/value head count that divides 4."
+    )
+
+
 def test_unknown_cli_flag_and_prefixes_fail(tmp_path):
     with pytest.raises(ValueError, match=r"unknown option --lr_mpp \(did you mean --lr_mp\?\)") as info:
         parse_args(["--output_dir", str(tmp_path), "--lr_mpp", "0.1"])

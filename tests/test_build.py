@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -183,3 +184,28 @@ def test_balance_batches_prices_training_packs_with_the_models_flop_estimate(tmp
     assert train.pack_cost(100, 2) == pack_flops(model.config, 100, 2)
     packs = list(itertools.islice(iter(train), 6))
     assert all(p["samples"] for p in packs)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"tile_size": 16}, "--tile_size 16: the vision tower takes 32 px tiles (vision_config.image_size); drop "
+                            "--tile_size or set it to 32"),
+        ({"max_image_size": 48}, "--max_image_size 48: must be a multiple of the tile size, as the vision tower takes "
+                                 "32 px tiles (vision_config.image_size); use 32"),
+        ({"max_image_size": 96, "max_grid": 2}, "--max_image_size 96: 3 tiles per side, over --max_grid 2 (the vision "
+                                                "tower takes 32 px tiles (vision_config.image_size)); set "
+                                                "--max_image_size 64 or raise --max_grid"),
+    ],
+)
+def test_tiling_flags_are_checked_against_the_models_tile(tiny_config, flags, message):
+    """`--tile_size` other than the tower's was silently ignored (the processor tiles at the tower's size); the
+    others ended in the image processor's traceback."""
+    from nanovlm.training.build import check_tiling
+    from nanovlm.training.errors import UsageError
+
+    args = SimpleNamespace(**{"tile_size": None, "max_image_size": 32, "max_grid": 1, **flags})
+    with pytest.raises(UsageError) as info:
+        check_tiling(tiny_config, args)
+    assert str(info.value) == message
+    check_tiling(tiny_config, SimpleNamespace(tile_size=32, max_image_size=64, max_grid=2))  # fits: no error

@@ -214,3 +214,29 @@ def test_torch_varlen_attention_on_cpu_stops_at_start(tmp_path):
         "which needs a CUDA GPU; this run is on CPU: use --attn_implementation sdpa (packed samples stay isolated)"
     ]
     assert not (tmp_path / "synthetic_data").exists()  # stopped before building data or a model
+
+
+def test_resume_from_a_folder_that_is_not_a_checkpoint_stops_before_any_data(tmp_path):
+    not_a_checkpoint = tmp_path / "final"  # e.g. a saved model: no trainer_state.json
+    not_a_checkpoint.mkdir()
+    for path, what in ((tmp_path / "missing", "no such folder"),
+                       (not_a_checkpoint, "not a complete checkpoint (no readable trainer_state.json)")):
+        proc = run_entry(["--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", str(path)], timeout=120)
+        assert proc.returncode == 1
+        assert error_lines(proc) == [
+            f"train_accelerate.py: error: --resume_from_checkpoint {path}: {what}; pass a checkpoint-N folder this "
+            "trainer saved, or true for the last complete one in --output_dir (--model_name_or_path DIR fine-tunes a "
+            "saved model instead)"
+        ]
+    assert not (tmp_path / "out").exists()  # before building data, a model or the output folder
+
+
+def test_max_image_size_off_the_models_tile_is_one_line(data, tmp_path):
+    """The tile comes from the model config (the demo's 64 px); before, the image processor raised a traceback."""
+    proc = run_entry(["--output_dir", str(tmp_path), "--dataset_name_or_path", str(data), *SMALL,
+                      "--max_image_size", "96"])
+    assert proc.returncode == 1
+    assert error_lines(proc) == [
+        "train_accelerate.py: error: --max_image_size 96: must be a multiple of the tile size, as the vision tower "
+        "takes 64 px tiles (vision_config.image_size); use 64"
+    ]

@@ -259,6 +259,32 @@ def test_config_errors():
         NanoVLMConfig(text_config={"vocab_size": 100}, image_token_id=5000)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"text_config": {"hidden_size": 64, "num_attention_heads": 5}},
+         "text_config.hidden_size (64) must be divisible by text_config.num_attention_heads (5); choose a head count "
+         "that divides 64."),
+        ({"text_config": {"num_attention_heads": 4, "num_key_value_heads": 3}},
+         "text_config.num_attention_heads (4) must be a multiple of text_config.num_key_value_heads (3) (each key/value "
+         "head serves a whole group of query heads); choose a key/value head count that divides 4."),
+        ({"vision_config": {"hidden_size": 128, "num_attention_heads": 5}},
+         "vision_config.hidden_size (128) must be divisible by vision_config.num_attention_heads (5); choose a head "
+         "count that divides 128."),
+        ({"vision_config": {"patch_size": 0}}, "vision_config.patch_size must be a positive int, got 0."),
+        ({"text_config": {"hidden_size": 0}}, "text_config.hidden_size must be a positive int, got 0."),
+        ({"text_config": {"num_hidden_layers": -1}}, "text_config.num_hidden_layers must be a positive int, got -1."),
+        ({"text_config": {"vocab_size": 0}}, "text_config.vocab_size must be a positive int, got 0."),
+    ],
+)
+def test_inconsistent_sizes_fail_at_config_time_in_one_line(kwargs, message):
+    """Each of these built a config before: then a shape error in the first forward, a ZeroDivisionError, a model
+    without layers, or transformers' two-line validator error."""
+    with pytest.raises(ValueError) as info:
+        NanoVLMConfig(**kwargs)
+    assert str(info.value) == message
+
+
 def test_config_defaults_mirror_nanovlm():
     config = NanoVLMConfig()
     assert config.vision_config.image_size == 512 and config.vision_config.patch_size == 16

@@ -206,9 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nanovlm-generate: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
-    from transformers import AutoModel, AutoProcessor, set_seed
-
     from safetensors import SafetensorError
+    from transformers import AutoModel, AutoProcessor, set_seed
 
     try:
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)

@@ -14,6 +14,7 @@ with everything to fix.
 """
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,7 +149,7 @@ class ModelArguments:
             if value is not None and (not isinstance(value, str) or not value):
                 errors.append(f"--{name} must be a hub id or a local path: got {value!r}")
         self.model_config = parse_json_dict(errors, "model_config", self.model_config)
-        errors += self._image_errors() + self._source_errors()
+        errors += self._image_errors() + self._source_errors() + self._model_config_errors()
         if errors:
             raise ArgumentsError(errors)
 
@@ -185,6 +186,26 @@ class ModelArguments:
                     f"--max_image_size must be at most --max_grid x --tile_size ({grid} x {tile} = {grid * tile}): "
                     f"got {size}; lower it or raise --max_grid"
                 )
+        return errors
+
+    def _model_config_errors(self) -> list[str]:
+        """`--model_config` built as the random-init model's config (the tokenizer's vocabulary aside): its size
+        checks fail here, at parse time, rather than after the data is loaded and the tokenizer trained."""
+        if self.random_init is not True or not isinstance(self.model_config, dict):
+            return []
+        from ..configuration_nanovlm import NanoVLMConfig
+
+        config = {"pixel_shuffle_factor": self.pixel_shuffle_factor, **self.model_config}
+        config.pop("image_token_id", None)  # set from the tokenizer
+        try:
+            built = NanoVLMConfig(**config)
+        except Exception as exc:  # noqa: BLE001 - any failure is the config's; transformers' validators raise their own type
+            return [f"--model_config is not a valid NanoVLMConfig: {' '.join(str(exc).split())}"]
+        # A config class keeps any unknown keyword as an attribute: a misspelled key would be silently ignored.
+        errors = _unknown_config_keys("model_config", config, type(built))
+        for sub in ("vision_config", "text_config"):
+            if isinstance(config.get(sub), dict):
+                errors += _unknown_config_keys(f"model_config {sub}", config[sub], type(getattr(built, sub)))
         return errors
 
     def _source_errors(self) -> list[str]:
@@ -233,6 +254,22 @@ class ModelArguments:
                 f"{self.tokenizer_name_or_path!r}; drop one of the two"
             )
         return errors
+
+
+def _unknown_config_keys(where: str, given: dict, config_class: type) -> list[str]:
+    """One message per key of `given` that `config_class` (a transformers config dataclass) does not declare."""
+    known = {f.name for f in dataclasses.fields(config_class)} | set(getattr(config_class, "attribute_map", {}))
+    known |= {"model_type", "rope_theta", "rope_scaling"}  # read by transformers although not fields
+    return [
+        f"--{where} has the unknown key `{key}`{_did_you_mean(key, known)}; {config_class.__name__} would silently "
+        "ignore it"
+        for key in given if key not in known
+    ]
+
+
+def _did_you_mean(name: str, candidates: set[str]) -> str:
+    matches = difflib.get_close_matches(name, sorted(candidates), n=2, cutoff=0.7)
+    return f" (did you mean {' or '.join(matches)}?)" if matches else ""
 
 
 # --------------------------------------------------------------------------------------------------------------
