@@ -101,6 +101,23 @@ def test_merge_without_partial_files_names_the_fix(tmp_path, caplog):
     assert merge.main(["--results_dir", str(tmp_path), "--global_step", "3"]) == 1
 
 
+def test_merge_keeps_unreadable_partials_and_says_the_merge_is_incomplete(tmp_path, caplog):
+    """Before, a truncated partial was skipped with a warning and then deleted with the others (its results lost
+    without a trace), and a partial holding a JSON list crashed the merge with an AttributeError."""
+    (tmp_path / "step_5_a.json").write_text(json.dumps({"tasks": ["a"], "results": {"a_acc": 0.5}}))
+    (tmp_path / "step_5_b.json").write_text('{"tasks": ["b"], "results": {"b_ac')  # cut short
+    (tmp_path / "step_5_c.json").write_text("[1, 2]")
+    assert merge.main(["--results_dir", str(tmp_path), "--global_step", "5"]) == 1
+    merged = json.loads((tmp_path / "step_5.json").read_text())
+    assert merged["results"] == {"a_acc": 0.5}
+    bad = [str(tmp_path / "step_5_b.json"), str(tmp_path / "step_5_c.json")]
+    assert merged["unreadable_files"] == bad
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_5.json", "step_5_b.json", "step_5_c.json"]
+    assert caplog.records[-1].getMessage() == (
+        f"2 partial file(s) could not be read and were left out of {tmp_path / 'step_5.json'}: {', '.join(bad)}"
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # pieces
 
@@ -336,3 +353,28 @@ def test_callback_picks_up_a_checkpoint_evaluation_during_training(trained_run):
     events = EventAccumulator(str(tmp_path / "run" / "runs" / "lmms_eval")).Reload()
     (scalar,) = events.Scalars("lmms_eval/nanovlm_synthetic_exact_match")
     assert (scalar.step, scalar.value) == (2, pytest.approx(expected))
+
+
+def test_evaluation_run_input_errors_are_one_line(tmp_path, tiny_model, tiny_processor, capsys):
+    """Before, a folder without weights or a corrupt weights file ended in a traceback, and --batch_size 0 in the
+    adapter's traceback; each is now argparse's one line and exit status 2."""
+    from nanovlm.evaluation import run
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    tiny_processor.save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--checkpoint", str(tmp_path / "ckpt"), "--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+        (["--checkpoint", str(tmp_path / "ckpt")],
+         f"--checkpoint {tmp_path / 'ckpt'}: cannot load the model (SafetensorError: "),
+        (["--checkpoint", str(tmp_path / "empty")], f"--checkpoint {tmp_path / 'empty'}: cannot load the model ("),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as info:
+            run.main([*argv, "--tasks", "nanovlm_synthetic", "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "Traceback" not in err
+        (line,) = [line for line in err.splitlines() if "error:" in line]
+        assert line.startswith(f"python -m nanovlm.evaluation.run: error: {message}"), line

@@ -38,11 +38,15 @@ def merge_step_results(results_dir: str | os.PathLike, step: int, keep_partials:
         )
     target = results_dir / f"step_{step}.json"
     merged = {"global_step": step, "checkpoint": None, "tasks": [], "results": {}, "failed_tasks": {}}
+    unreadable: list[Path] = []
     for path in ([target] if target.is_file() else []) + partials:
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"holds a JSON {type(data).__name__}, not an object")
         except (OSError, ValueError) as error:
-            logger.warning("skipping unreadable %s: %s", path, error)
+            logger.warning("skipping unreadable %s (kept for inspection): %s", path, " ".join(str(error).split()))
+            unreadable.append(path)
             continue
         merged["checkpoint"] = merged["checkpoint"] or data.get("checkpoint")
         merged["tasks"] += [t for t in data.get("tasks", []) if t not in merged["tasks"]]
@@ -50,13 +54,16 @@ def merge_step_results(results_dir: str | os.PathLike, step: int, keep_partials:
         merged["failed_tasks"].update(data.get("failed_tasks") or {})
     ran = {t for t in merged["tasks"] if any(k.startswith(f"{t}_") for k in merged["results"])}
     merged["failed_tasks"] = {t: e for t, e in merged["failed_tasks"].items() if t not in ran}
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")  # os.replace: the training job never reads half a file
+    if unreadable:  # recorded with the results: a reader must not take the merge for complete
+        merged["unreadable_files"] = sorted(str(p) for p in unreadable)
     tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, target)  # atomic: the training job never reads half a file
-    if not keep_partials:
+    os.replace(tmp, target)
+    if not keep_partials:  # an unreadable one stays: deleting it would lose its results without a trace
         for path in partials:
-            path.unlink(missing_ok=True)
-    logger.info("merged %d files into %s", len(partials), target)
+            if path not in unreadable:
+                path.unlink(missing_ok=True)
+    logger.info("merged %d of %d files into %s", len(partials) - len(unreadable), len(partials), target)
     return target
 
 
@@ -72,9 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        merge_step_results(args.results_dir, args.global_step, args.keep_partials)
+        target = merge_step_results(args.results_dir, args.global_step, args.keep_partials)
     except FileNotFoundError as error:
         logger.error("%s", error)
+        return 1
+    unreadable = json.loads(target.read_text()).get("unreadable_files")
+    if unreadable:
+        logger.error("%d partial file(s) could not be read and were left out of %s: %s", len(unreadable), target,
+                     ", ".join(unreadable))
         return 1
     return 0
 

@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t.strip() for name in args.tasks for t in name.split(",") if t.strip()]
     if not tasks:
         parser.error(f"--tasks names no task: got {args.tasks!r}")
+    for flag in ("batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     checkpoint = args.checkpoint
     step = args.global_step if args.global_step is not None else default_step(checkpoint)
     is_local = Path(checkpoint).exists()
@@ -112,17 +115,23 @@ def main(argv: list[str] | None = None) -> int:
         else (Path(checkpoint).resolve().parent / "eval_results" if is_local else Path("eval_results"))
     )
 
+    from safetensors import SafetensorError
+
     from .lmms import NanoVLMLmms, distributed_context, evaluate_tasks
     from .synthetic_task import DEFAULT_DATA, data_overrides
 
     start = time.perf_counter()
-    model = NanoVLMLmms(
-        pretrained=checkpoint,
-        device=args.device,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        max_new_tokens=args.max_new_tokens,
-    )
+    try:
+        model = NanoVLMLmms(
+            pretrained=checkpoint,
+            device=args.device,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            max_new_tokens=args.max_new_tokens,
+        )
+    except (OSError, ValueError, SafetensorError) as err:  # not a checkpoint folder, no weights, a corrupt file
+        first = (str(err).strip().splitlines() or [""])[0]
+        parser.error(f"--checkpoint {checkpoint}: cannot load the model ({type(err).__name__}: {first})")
     report = evaluate_tasks(
         model,
         tasks,
