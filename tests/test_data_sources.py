@@ -158,6 +158,24 @@ def test_rows_without_texts_are_refused(tmp_path, caplog):
         load_finevision(tmp_path / "plain")
 
 
+def test_rows_without_images_load_with_a_warning(tmp_path, caplog):
+    Dataset.from_dict({"texts": [[{"user": "a?", "assistant": "b"}]]}).save_to_disk(str(tmp_path / "text_only"))
+    with caplog.at_level(logging.WARNING, logger="nanovlm.data.sources"):
+        assert len(load_finevision(tmp_path / "text_only")) == 1
+    assert f"{tmp_path / 'text_only'} has no `images` column (its columns are ['texts']): every row trains as " \
+        "text-only." in caplog.messages
+
+
+def test_a_malformed_json_line_is_named_in_the_error(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"texts": [{"user": "a?", "assistant": "b"}]}\n{not json\n')
+    with pytest.raises(ValueError) as info:
+        load_finevision(str(path))
+    # datasets' own message ("An error occurred while generating the dataset") says neither where nor what
+    assert "DatasetGenerationError: An error occurred while generating the dataset (ArrowInvalid: JSON parse " \
+        "error: Missing a name for object member. in row 1)" in str(info.value)
+
+
 def test_streaming_interleaves_configs_each_row_once(data_root, monkeypatch):
     # datasets sleeps 5 s after an interleaved stream of parquet files ends (an Arrow shutdown workaround)
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)

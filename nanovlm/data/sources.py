@@ -191,6 +191,10 @@ def _config_names(source: str, revision: str | None) -> list[str]:
 
 def _short(err: BaseException) -> str:
     text = " ".join(str(err).split())
+    cause = err.__cause__
+    if cause is not None and str(cause) and str(cause) not in text:  # datasets' "An error occurred while
+        # generating the dataset" says nothing by itself; the cause names the file and the row
+        text += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
 
 
@@ -201,6 +205,8 @@ def _keep_columns(ds: AnyDataset, columns: Sequence[str] | None, name: str) -> A
     missing = [c for c in REQUIRED_COLUMNS if c not in present]
     if missing:
         raise ValueError(f"{name} lacks the column(s) {missing}; its columns are {present}.")
+    if "images" not in present:  # allowed (text-only data), but a VLM recipe on it is more likely a wrong column name
+        logger.warning("%s has no `images` column (its columns are %s): every row trains as text-only.", name, present)
     if columns is None:
         return ds
     return ds.select_columns([c for c in columns if c in present])
