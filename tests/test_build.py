@@ -209,3 +209,27 @@ def test_tiling_flags_are_checked_against_the_models_tile(tiny_config, flags, me
         check_tiling(tiny_config, args)
     assert str(info.value) == message
     check_tiling(tiny_config, SimpleNamespace(tile_size=32, max_image_size=64, max_grid=2))  # fits: no error
+
+
+def test_model_name_or_path_that_does_not_load_is_one_line(tmp_path, tiny_model, tiny_processor):
+    """Before: transformers' traceback ("Repo id must be in the form ...", "no file named model.safetensors", the
+    safetensors header error), after the data had been loaded."""
+    from nanovlm.training.arguments import ModelArguments
+    from nanovlm.training.build import build_model_and_processor
+    from nanovlm.training.errors import UsageError
+
+    tiny_model.save_pretrained(tmp_path / "corrupt")
+    tiny_processor.save_pretrained(tmp_path / "corrupt")
+    weights = tmp_path / "corrupt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    (tmp_path / "empty").mkdir()
+    fix = "pass a folder saved by this trainer (OUTPUT_DIR/final) or a hub id"
+    for folder, message in (
+        ("missing", f"--model_name_or_path {tmp_path / 'missing'}: no such folder; {fix} (org/name)"),
+        ("empty", f"--model_name_or_path {tmp_path / 'empty'}: cannot load it (OSError: "),
+        ("corrupt", f"--model_name_or_path {tmp_path / 'corrupt'}: cannot load it (SafetensorError: "),
+    ):
+        with pytest.raises(UsageError) as info:
+            build_model_and_processor(ModelArguments(model_name_or_path=str(tmp_path / folder)))
+        assert str(info.value).startswith(message) and str(info.value).endswith(fix if folder != "missing" else ")")
+        assert "\n" not in str(info.value)

@@ -93,6 +93,21 @@ def default_step(checkpoint: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The lmms-eval adapter around `--checkpoint`; a folder without weights, a corrupt weights file or a bad adapter
+    setting exits through `parser.error` (one line, status 2) instead of a traceback."""
+    from safetensors import SafetensorError
+
+    from .lmms import NanoVLMLmms
+
+    try:
+        return NanoVLMLmms(pretrained=args.checkpoint, device=args.device, batch_size=args.batch_size,
+                           dtype=args.dtype, max_new_tokens=args.max_new_tokens)
+    except (OSError, ValueError, SafetensorError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        parser.error(f"--checkpoint {args.checkpoint}: cannot load the model ({type(err).__name__}: {first})")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the evaluation; returns the exit code (0: every task ran, 1: some failed)."""
     parser = build_arg_parser()
@@ -115,23 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         else (Path(checkpoint).resolve().parent / "eval_results" if is_local else Path("eval_results"))
     )
 
-    from safetensors import SafetensorError
-
-    from .lmms import NanoVLMLmms, distributed_context, evaluate_tasks
+    from .lmms import distributed_context, evaluate_tasks
     from .synthetic_task import DEFAULT_DATA, data_overrides
 
     start = time.perf_counter()
-    try:
-        model = NanoVLMLmms(
-            pretrained=checkpoint,
-            device=args.device,
-            batch_size=args.batch_size,
-            dtype=args.dtype,
-            max_new_tokens=args.max_new_tokens,
-        )
-    except (OSError, ValueError, SafetensorError) as err:  # not a checkpoint folder, no weights, a corrupt file
-        first = (str(err).strip().splitlines() or [""])[0]
-        parser.error(f"--checkpoint {checkpoint}: cannot load the model ({type(err).__name__}: {first})")
+    model = load_model(parser, args)
     report = evaluate_tasks(
         model,
         tasks,

@@ -5,6 +5,7 @@ Kept out of `train_accelerate.py` so each piece is importable and tested on its 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import logging
@@ -149,14 +150,33 @@ def check_tiling(config: NanoVLMConfig, model_args) -> None:
         )
 
 
+@contextlib.contextmanager
+def _loading(what: str, fix: str) -> Iterator[None]:
+    """Turn a failed load (missing or unreadable folder, unreachable hub id, corrupt weights) into one `UsageError`
+    line naming the flag, instead of transformers' traceback after the data was loaded."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise UsageError(f"{what}: cannot load it ({type(err).__name__}: {first}); {fix}") from err
+
+
 def build_model_and_processor(model_args, train_rows=None):
     """(model, processor) from a nanovlm checkpoint, from pretrained backbones, or randomly initialised."""
     kw = {"attn_implementation": model_args.attn_implementation}
     if model_args.model_name_or_path:
-        model = NanoVLMForConditionalGeneration.from_pretrained(model_args.model_name_or_path, **kw)
-        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+        path = model_args.model_name_or_path
+        local = path.startswith((".", "/", "~")) or path.count("/") != 1  # a hub id is exactly "org/name"
+        if local and not os.path.isdir(os.path.expanduser(path)):
+            raise UsageError(f"--model_name_or_path {path}: no such folder; pass a folder saved by this trainer "
+                             "(OUTPUT_DIR/final) or a hub id (org/name)")
+        with _loading(f"--model_name_or_path {path}", "pass a folder saved by this trainer (OUTPUT_DIR/final) or a hub id"):
+            model = NanoVLMForConditionalGeneration.from_pretrained(path, **kw)
+            processor = AutoProcessor.from_pretrained(path)
         if not isinstance(processor, NanoVLMProcessor):
-            raise TypeError(f"{model_args.model_name_or_path} holds a {type(processor).__name__}, not a NanoVLMProcessor.")
+            raise UsageError(f"--model_name_or_path {path}: holds a {type(processor).__name__}, not a NanoVLMProcessor")
         model.config.max_grid = processor.image_processor.max_grid  # checkpoints saved before the field say 8
         record_normalization(model.config, processor)
         return model, processor
@@ -185,10 +205,12 @@ def build_model_and_processor(model_args, train_rows=None):
         model = NanoVLMForConditionalGeneration._from_config(config, **kw)
         model.resize_for_tokenizer(tokenizer)
     else:
-        model = NanoVLMForConditionalGeneration.from_backbones(
-            model_args.vision_model, model_args.text_model, tokenizer=tokenizer,
-            pixel_shuffle_factor=model_args.pixel_shuffle_factor, **kw,
-        )
+        with _loading(f"--vision_model {model_args.vision_model} / --text_model {model_args.text_model}",
+                      "pass local folders or hub ids (the hub needs network access)"):
+            model = NanoVLMForConditionalGeneration.from_backbones(
+                model_args.vision_model, model_args.text_model, tokenizer=tokenizer,
+                pixel_shuffle_factor=model_args.pixel_shuffle_factor, **kw,
+            )
     model.config.max_grid = model_args.max_grid  # the grid the tokenizer was built for
     processor = build_processor_for(model.config, tokenizer, model_args)
     record_normalization(model.config, processor)
