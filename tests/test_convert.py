@@ -403,6 +403,17 @@ def test_missing_input_and_unknown_hub_id(tmp_path, capsys):
     assert "lacks config.json, model.safetensors" in capsys.readouterr().err
 
 
+def test_output_into_the_input_folder_is_refused(original, tmp_path, capsys):
+    src = write_original(tmp_path / "src", original["cfg"], {"x": torch.zeros(1)})
+    before = (src / "config.json").read_bytes(), (src / "model.safetensors").read_bytes()
+    assert main(["--input", str(src), "--output", str(src / ".." / "src")]) == 2
+    assert capsys.readouterr().err == (
+        f"nanovlm-convert: error: --output {src / '..' / 'src'} is the --input folder: the converted config.json and "
+        "model.safetensors would replace the original's; pass another --output folder\n"
+    )
+    assert ((src / "config.json").read_bytes(), (src / "model.safetensors").read_bytes()) == before
+
+
 def test_corrupt_weights_file(original, tmp_path, capsys):
     src = write_original(tmp_path / "src", original["cfg"], {"x": torch.zeros(1)})
     (src / "model.safetensors").write_bytes(b"\x00" * 16)

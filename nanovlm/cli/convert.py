@@ -369,6 +369,11 @@ def convert_checkpoint(
     "float16") defaults to the checkpoint's floating dtype. Returns the converted model (eval mode) and processor.
     """
     folder = resolve_checkpoint(source)
+    if Path(output).resolve() == folder.resolve():  # save_pretrained would overwrite the original's two files
+        raise ValueError(
+            f"--output {output} is the --input folder: the converted config.json and model.safetensors would replace "
+            "the original's; pass another --output folder"
+        )
     cfg = read_original_config(folder)
     state = load_original_state_dict(folder)
     converted = convert_state_dict(state, cfg)
