@@ -22,6 +22,7 @@ import sys
 
 from transformers import set_seed
 
+from nanovlm.data.packing import NoSamplesError
 from nanovlm.training.build import (
     build_datasets,
     build_model_and_processor,
@@ -32,7 +33,7 @@ from nanovlm.training.build import (
     load_rows,
     prepare_synthetic_dataset,
 )
-from nanovlm.training.errors import NonFiniteLossError, UsageError
+from nanovlm.training.errors import NonFiniteLossError, UsageError, one_line
 from nanovlm.training.parser import parse_args
 from nanovlm.training.plots import plot_training_curves
 from nanovlm.training.reports import report_synthetic_accuracy
@@ -110,5 +111,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (UsageError, NonFiniteLossError) as err:  # a setting to fix or a diverged run: one line, exit status 1
-        raise SystemExit(f"train_accelerate.py: error: {err}") from None
+    except (UsageError, NonFiniteLossError, NoSamplesError) as err:  # a setting or data to fix, a diverged run: one
+        raise SystemExit(f"train_accelerate.py: error: {one_line(err)}") from None  # line, exit status 1

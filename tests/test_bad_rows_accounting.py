@@ -21,6 +21,14 @@ GOOD_ROWS = 24
 RATINGS = ("relevance_ratings", "image_correspondence_ratings", "visual_dependency_ratings", "formatting_ratings")
 
 
+def _features() -> datasets.Features:
+    return datasets.Features({
+        "images": datasets.List(datasets.Image()),
+        "texts": datasets.List({"user": datasets.Value("string"), "assistant": datasets.Value("string")}),
+        **{c: datasets.List(datasets.Value("int64")) for c in RATINGS},
+    })
+
+
 def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
     out = io.BytesIO()
     image.save(out, format=fmt)
@@ -68,11 +76,7 @@ def bad_dataset(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("bad_rows")
     synthetic = {"train": generate_split(GOOD_ROWS)}
-    features = datasets.Features({
-        "images": datasets.List(datasets.Image()),
-        "texts": datasets.List({"user": datasets.Value("string"), "assistant": datasets.Value("string")}),
-        **{c: datasets.List(datasets.Value("int64")) for c in RATINGS},
-    })
+    features = _features()
     good = synthetic["train"].select_columns(["images", "texts", *RATINGS]).cast(features)
     rows, _ = bad_and_odd_rows()
     bad = datasets.Dataset.from_list([row for row, _ in rows.values()], features=features)
@@ -106,3 +110,25 @@ def test_every_row_is_used_once_or_counted_once_by_reason(bad_dataset, tmp_path)
     trained = good + sum(1 for _, reason in rows.values() if reason is None)
     assert (len(train_rows), used, sum(skipped.values())) == (good + len(rows), trained, len(rows) - (trained - good))
     assert images > 0
+
+
+def test_data_whose_every_row_is_skipped_stops_in_one_line_instead_of_spinning(tmp_path):
+    """Rows whose images pass the header check but fail to decode form packs that all come out empty: the loader
+    looped forever without yielding (the run hung). Now the epoch's counts end the run in one line."""
+    from test_entry_errors import error_lines, run_entry
+
+    rows, _ = bad_and_odd_rows()
+    picked = ["truncated_png", "corrupt_bytes", "no_texts"]
+    features = _features()
+    data = datasets.Dataset.from_list([rows[name][0] for name in picked], features=features)
+    data.save_to_disk(tmp_path / "data")
+    proc = run_entry(["--output_dir", str(tmp_path / "out"), "--dataset_name_or_path", str(tmp_path / "data"),
+                      "--synthetic_dataset", "false", "--curriculum_split", "none", "--eval_split", "none",
+                      "--val_size", "0", "--dataloader_num_workers", "1", "--max_steps", "2"], timeout=150)
+    assert proc.returncode == 1
+    assert error_lines(proc) == [
+        "train_accelerate.py: error: worker 0 of 1 read no usable sample in epoch 0 (3 rows: 0 built, 3 skipped "
+        "(bad_image 2, no_texts 1); 0 turns dropped by the rating filter): every row was empty or skipped; check the "
+        "data and the skip reasons in the log, and give at least as many usable rows as DataLoader workers x "
+        "processes"
+    ]

@@ -343,7 +343,7 @@ def test_dataset_rejects_oversized_samples_and_bad_arguments():
         list(_make([_sample(0, 4, 2)], max_images_per_pack=1))
     with pytest.raises(ValueError, match="buffer_size must be a positive int; got 0"):
         _make(buffer_size=0)
-    with pytest.raises(ValueError, match="worker 0 of 1 read no samples in epoch 0"):
+    with pytest.raises(ValueError, match="worker 0 of 1 read no usable sample in epoch 0"):
         next(iter(_make([None, None], infinite=True)))
     with pytest.raises(TypeError, match="source of type int is not readable"):
         PackedDataset(3, seq_length=8)

@@ -42,11 +42,17 @@ NANOVLM_EXTRA_PACKS = 5  # nanoVLM opens ceil(total length / seq_length) + 5 pac
 
 __all__ = [
     "Measured",
+    "NoSamplesError",
     "PackedDataset",
     "balanced_groups",
     "combine_pack_states",
     "knapsack_pack",
 ]
+
+
+class NoSamplesError(ValueError):
+    """A whole epoch of an infinite PackedDataset gave no sample (every row empty or skipped): looping on would spin
+    forever without yielding."""
 
 
 class Measured(NamedTuple):
@@ -510,7 +516,7 @@ class PackedDataset(IterableDataset):
             epoch, start, skip = state["epoch"], state["round_start"], state["packs_done"]
         while True:
             reader = self._read(epoch, worker, num_workers, start)
-            from_start, packed = start == 0, 0
+            from_start, yielded = start == 0, 0
             while True:
                 if hasattr(self.source, "new_round"):  # the previous round's keys are all released by now
                     self.source.new_round()
@@ -520,7 +526,6 @@ class PackedDataset(IterableDataset):
                 read = len(items)
                 packs = self._round_packs(items, epoch, worker, num_workers, start)
                 del items  # the packs hold the round now: one copy of it in memory, not two
-                packed += len(packs)
                 end_of_epoch = read < self.buffer_size
                 for k in range(skip, len(packs)):
                     if k < len(packs) - 1:
@@ -539,6 +544,7 @@ class PackedDataset(IterableDataset):
                     if counter is not None:  # this worker's skip counts so far, for the trainer's logs
                         pack["skipped"] = {"worker": worker, "counts": dict(counter.reasons)}
                     yield pack
+                    yielded += 1
                     del pack  # not held in this frame while the next pack is built
                 packs = None  # released before the next round is read
                 skip = 0
@@ -547,10 +553,14 @@ class PackedDataset(IterableDataset):
                     break
             if not self.infinite:
                 return
-            if from_start and not packed:  # looping on would spin forever without yielding
-                raise ValueError(
-                    f"worker {worker} of {num_workers} read no samples in epoch {epoch} (every position empty or "
-                    "None): give a non-empty source with at least num_workers samples, or use infinite=False."
+            if from_start and not yielded:  # looping on would spin forever without yielding (packs whose every
+                # sample fails at build time, e.g. all images corrupt, yield nothing either)
+                counter = getattr(self.source, "counter", None)
+                skips = f" ({counter.summary()})" if counter is not None else ""
+                raise NoSamplesError(
+                    f"worker {worker} of {num_workers} read no usable sample in epoch {epoch}{skips}: every row was "
+                    "empty or skipped; check the data and the skip reasons in the log, and give at least as many "
+                    "usable rows as DataLoader workers x processes"
                 )
             epoch, start, skip = epoch + 1, 0, 0
             logger.debug("worker %d/%d starts epoch %d", worker, num_workers, epoch)
