@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
 import math
 import os
 
@@ -372,3 +373,15 @@ def test_compile_regions_compiles_each_repeated_layer_not_the_whole_model(rows, 
     # the compiled layers are the trained parameters (the optimizer sees the same tensors)
     assert prepared.model.language_model.layers[0]._orig_mod.self_attn.q_proj.weight is \
         model.model.language_model.layers[0].self_attn.q_proj.weight
+
+
+def test_evaluation_without_any_usable_row_says_why_its_loss_is_nan(rows, tmp_path, caplog):
+    model, processor = tiny_setup()
+    bad = [{"images": [b"not an image"], "texts": [{"user": "a?", "assistant": "b"}]}, {"texts": []}]
+    trainer = make_trainer(model, processor, training_args(tmp_path), packed_dataset(rows, processor),
+                           eval_dataset=packed_dataset(bad, processor, infinite=False))
+    with caplog.at_level(logging.WARNING, logger="nanovlm.training.trainer"):
+        metrics = trainer.evaluate()
+    assert math.isnan(metrics["eval_loss"]) and metrics["eval_tokens"] == 0
+    assert ("Evaluation saw no label token: every validation row was skipped (see the data log) or --eval_split is "
+            "empty; eval_loss is NaN.") in caplog.messages

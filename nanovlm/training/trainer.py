@@ -330,6 +330,9 @@ class NanoVLMTrainer(Trainer):
                     loss = model(**inputs, num_items_in_batch=torch.ones((), device=self.args.device)).loss
                 totals += torch.stack([loss.double(), n_tokens.double()])
         totals = self.accelerator.reduce(totals, reduction="sum")
+        if totals[1] == 0 and self.is_world_process_zero():  # NaN loss: say why rather than track the best on it
+            logger.warning("Evaluation saw no label token: every validation row was skipped (see the data log) or "
+                           "--eval_split is empty; %s_loss is NaN.", metric_key_prefix)
         metrics = {
             f"{metric_key_prefix}_loss": (totals[0] / totals[1]).item() if totals[1] > 0 else math.nan,
             f"{metric_key_prefix}_tokens": totals[1].item(),
