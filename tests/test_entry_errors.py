@@ -115,6 +115,10 @@ def test_none_or_null_unsets_an_optional_yaml_value(word, tmp_path):
     yaml_file = tmp_path / "recipe.yaml"
     yaml_file.write_text(config.read_text() + f"\ncurriculum_split: {word}\n")
     assert parse_args(["--config", str(yaml_file)])[1].curriculum_split is None
+    # the last occurrence of a flag wins, as in argparse (a `none` used to win wherever it stood)
+    base = ["--config", str(config), "--output_dir", str(tmp_path)]
+    assert parse_args([*base, "--curriculum_split", word, "--curriculum_split", "x"])[1].curriculum_split == "x"
+    assert parse_args([*base, "--curriculum_split", "x", f"--curriculum_split={word}"])[1].curriculum_split is None
 
 
 def test_resume_with_changed_settings_is_refused_naming_each_unless_the_data_restarts(data, tmp_path):
