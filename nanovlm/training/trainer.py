@@ -451,7 +451,10 @@ class NanoVLMTrainer(Trainer):
         restart = self.args.resume_restart_data
         changed = {kind: [(k, saved[kind].get(k), now[kind].get(k)) for k in sorted(set(saved[kind]) | set(now[kind]))
                           if saved[kind].get(k) != now[kind].get(k)] for kind in ("data", "model")}
-        data = [f"--{k} {old} -> {new}" for k, old, new in changed["data"] if k in now["data"] and not restart]
+        # a flag recorded on one side only is not compared: one only some settings record (per_device_train_batch_size
+        # with --balance_batches, whose own change is named), or one an older version did not record yet
+        data = [f"--{k} {old} -> {new}" for k, old, new in changed["data"]
+                if k in now["data"] and k in saved["data"] and not restart]
         model = [f"model config {k} {old} -> {new}" for k, old, new in changed["model"]]
         if model:
             fix = "its weights only load into the same model: resume with the checkpoint's model settings, or start " \
