@@ -115,7 +115,7 @@ def test_torchrun_without_gpu_trains_as_ddp_through_the_entry_point(tmp_path):
     steps, batch = 3, 2
     out, data = tmp_path / "ddp", tmp_path / "data"
     argv = ["--output_dir", out, "--dataset_name_or_path", data, "--max_steps", steps, *ENTRY_SHORT,
-            "--per_device_train_batch_size", batch]
+            "--per_device_train_batch_size", batch, "--max_images_per_example", 1]  # multi-image rows: skipped
     proc = run_train_entry("demo", argv, nproc=2, threads=1)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 processes and no GPU: training them as one DDP job on CPU (gloo)" in proc.stderr
@@ -132,11 +132,16 @@ def test_torchrun_without_gpu_trains_as_ddp_through_the_entry_point(tmp_path):
     set_seed(args.seed)
     train_rows, _ = load_rows(data_args, args)
     model, processor = build_model_and_processor(model_args, train_rows)
-    per_rank = []
+    per_rank, skipped = [], []
     for rank in range(2):
         where = SimpleNamespace(process_index=rank, world_size=2, seed=args.seed)
-        packs = iter(build_datasets(data_args, where, processor, train_rows, None)[0])
+        train = build_datasets(data_args, where, processor, train_rows, None)[0]
+        packs = iter(train)
         per_rank.append([next(packs) for _ in range(steps * batch)])
+        skipped.append(train.source.counter.reasons["too_many_images"])  # this rank's skips so far
+    # the skip report counts every rank's skips (it used to log rank 0's only)
+    assert min(skipped) > 0
+    assert [e["data/skipped/too_many_images"] for e in logs][-1] == logs[-1]["data/skipped_total"] == sum(skipped)
     packs = [p for step in range(steps) for rank in range(2) for p in per_rank[rank][step * batch:(step + 1) * batch]]
     single_args = dataclasses.replace(args, output_dir=str(tmp_path / "single"), per_device_train_batch_size=2 * batch,
                                       save_strategy="no", dataloader_num_workers=0)

@@ -118,7 +118,8 @@ class NanoVLMTrainer(Trainer):
         )
         self.data_state: dict | None = None
         self._bookkeeping: dict[str, Any] = {}  # the last batch's, popped by _prepare_inputs
-        self.skip_counts: Counter = Counter()  # samples skipped by reason, summed over this process's workers
+        self.skip_counts: Counter = Counter()  # samples skipped by reason, summed over this process's workers (the
+        # logs sum them over processes)
         self._skip_by_worker: dict[int, dict] = {}
         self._reset_window()
         self._last_step_end: float | None = None
@@ -273,8 +274,10 @@ class NanoVLMTrainer(Trainer):
         logs = {f"perf/{k}": v for k, v in self._gathered(local).items()}
         if steps:
             logs["perf/step_flops_max_over_mean"] = self._flops_imbalance(steps)
-        logs["data/skipped_total"] = float(sum(self.skip_counts.values()))
-        for reason, n in sorted(self.skip_counts.items()):
+        # summed over processes: each rank skips in its own share of the rows (one collective, as _gathered)
+        skipped = sum((Counter(c) for c in self._gather_objects(dict(self.skip_counts))), Counter())
+        logs["data/skipped_total"] = float(sum(skipped.values()))
+        for reason, n in sorted(skipped.items()):
             logs[f"data/skipped/{reason}"] = float(n)
         # no "train/" prefix: wandb's callback prefixes every training key with it (next to loss, grad_norm)
         logs["nonfinite_steps_skipped"] = float(self.nonfinite_guard.total_skipped)
