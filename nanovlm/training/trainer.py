@@ -178,13 +178,16 @@ class NanoVLMTrainer(Trainer):
 
     def _record_bookkeeping(self, bookkeeping: dict[str, Any]) -> dict[str, Any]:
         """Fold a training batch's pack states and skip counts into the trainer's; returns its stats."""
-        if bookkeeping.get("data_state"):
-            self.data_state = combine_pack_states(bookkeeping["data_state"], self.data_state)
         skipped = bookkeeping.get("skipped")
         for entry in skipped or ():
             self._skip_by_worker[entry["worker"]] = entry["counts"]
         if skipped:
             self.skip_counts = sum((Counter(c) for c in self._skip_by_worker.values()), Counter())
+        if bookkeeping.get("data_state"):
+            self.data_state = combine_pack_states(bookkeeping["data_state"], self.data_state)
+            if self._skip_by_worker:  # each worker's counts at its last pack, saved beside the position: a resumed
+                # worker continues from them (PackedDataset), instead of restarting its counts at 0
+                self.data_state["skipped"] = {str(w): dict(c) for w, c in self._skip_by_worker.items()}
         return bookkeeping.get("stats") or {}
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -529,6 +532,8 @@ class NanoVLMTrainer(Trainer):
         if state is not None:
             dataset.load_state_dict(state)
             self.data_state = state
+            self._skip_by_worker = {int(w): c for w, c in (state.get("skipped") or {}).items()}
+            self.skip_counts = sum((Counter(c) for c in self._skip_by_worker.values()), Counter())
         # The dataset continues where it was: Trainer must not also skip the batches it already consumed.
         self.args.ignore_data_skip = True
         logger.info("Restored the data position from %s.", path)
