@@ -120,6 +120,11 @@ def test_torchrun_without_gpu_trains_as_ddp_through_the_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 processes and no GPU: training them as one DDP job on CPU (gloo)" in proc.stderr
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in proc.stderr
+    # INFO from rank 0 only (each rank used to log its setup): one line per optimizer group, one curriculum line
+    assert [line.split(": ", 1)[1].split()[0] for line in proc.stderr.splitlines()
+            if "nanovlm.training.optim: " in line and "trainable params=" in line] == ["projector", "vision", "language"]
+    assert proc.stderr.count("Curriculum: the first epoch reads 20 train_simple rows before the 120 train rows (this "
+                             "process's share, 1 of 2)") == 1
     data_state = json.loads((out / f"checkpoint-{steps}" / "data_state.json").read_text())
     assert data_state["world_size"] == 2 and len(data_state["ranks"]) == 2
     state = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())

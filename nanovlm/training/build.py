@@ -269,8 +269,9 @@ def build_datasets(data_args, training_args, processor, train_rows, eval_rows, m
         # Each rank gets its share of both splits, so every rank starts with curriculum rows.
         curriculum = shard_for_rank(_load_split(data_args, data_args.curriculum_split, streaming=False), rank, world)
         train_rows, first = datasets.concatenate_datasets([curriculum, train_rows]), len(curriculum)
-        logger.info("Curriculum: the first epoch reads %d %s rows before the %d %s rows", first,
-                    data_args.curriculum_split, len(train_rows) - first, data_args.train_split)
+        share = f" (this process's share, 1 of {world})" if world > 1 else ""
+        logger.info("Curriculum: the first epoch reads %d %s rows before the %d %s rows%s", first,
+                    data_args.curriculum_split, len(train_rows) - first, data_args.train_split, share)
     train = packed(train_rows, infinite=True, seed=training_args.seed, first=first, **balance)
     evaluation = None
     if eval_rows is not None:
