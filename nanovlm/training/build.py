@@ -44,7 +44,13 @@ def prepare_synthetic_dataset(data_args, training_args) -> None:
         return
     path = Path(data_args.dataset_name_or_path)
     settings = data_args.synthetic_settings(training_args.seed)
-    if path.exists():
+    # Every check inside: the other processes look only once the main one has finished writing (one that looked
+    # while it wrote saw a folder without its settings record, took it as given and read a partial dataset).
+    with training_args.main_process_first(desc="building the synthetic dataset"):
+        if not path.exists():
+            logger.info("Building the synthetic dataset in %s", path)
+            build_synthetic_dataset(path, settings)
+            return
         built = recorded_settings(path)
         differences = [] if built is None else settings.differences(built, SYNTHETIC_FLAGS)
         if differences:
@@ -52,11 +58,6 @@ def prepare_synthetic_dataset(data_args, training_args) -> None:
                 f"The synthetic dataset in {path} was built with other settings ({'; '.join(differences)}). Delete "
                 "the folder to rebuild it, or point --dataset_name_or_path at a new folder."
             )
-        return
-    with training_args.main_process_first(desc="building the synthetic dataset"):
-        if not path.exists():
-            logger.info("Building the synthetic dataset in %s", path)
-            build_synthetic_dataset(path, settings)
 
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "name" or "org/name", as the Hub spells dataset ids
