@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
         model_args, data_args, training_args = parse_args(argv)
     except (ValueError, FileNotFoundError) as err:  # a bad command line: the message, not a traceback
         raise SystemExit(f"train_accelerate.py: error: {err}") from None
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # INFO from the main process only (the others would repeat the setup logs), warnings from every process: what
+    # transformers' --log_level_replica does for its own loggers
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     resume = training_args.resume_from_checkpoint
     check_resume_checkpoint(resume)
     done = completed_step(training_args.output_dir, resume, training_args.max_steps)

@@ -175,6 +175,38 @@ def test_existing_synthetic_dataset_built_with_other_settings_is_an_error(tmp_pa
     assert (tmp_path / "data" / "synthetic_config.json").stat().st_mtime_ns == before
 
 
+def test_a_process_reads_the_synthetic_dataset_only_after_the_main_process_wrote_it(tmp_path):
+    """Rank 1 arrives while rank 0 is writing the folder (it exists, without its settings record yet): rank 1 waits
+    at main_process_first's barrier, here played by finishing the write, then checks the finished folder."""
+    import contextlib
+    import dataclasses
+
+    from nanovlm.data.synthetic import build_synthetic_dataset
+
+    _, data_args, args = parse_args([
+        "--output_dir", str(tmp_path / "run"), "--dataset_name_or_path", str(tmp_path / "data"),
+        "--synthetic_dataset", "true", "--synthetic_num_train", "6", "--synthetic_num_validation", "2",
+        "--synthetic_num_test", "0", "--synthetic_num_train_simple", "0", "--synthetic_image_size", "32", *MODEL,
+    ])
+    (tmp_path / "data" / "train").mkdir(parents=True)  # rank 0's save_to_disk has begun
+    waited = []
+
+    @contextlib.contextmanager
+    def barrier_then(desc):  # a non-main process: the barrier returns once rank 0 is done
+        build_synthetic_dataset(tmp_path / "data", data_args.synthetic_settings(args.seed))
+        waited.append(desc)
+        yield
+
+    rank1 = dataclasses.replace(args)
+    object.__setattr__(rank1, "main_process_first", barrier_then)
+    prepare_synthetic_dataset(data_args, rank1)
+    assert waited == ["building the synthetic dataset"]  # it used to return at once, before rank 0 finished
+    # the finished folder is checked: built with other settings, it is refused
+    other = dataclasses.replace(data_args, synthetic_num_train=7)
+    with pytest.raises(UsageError, match="--synthetic_num_train: requested 7, built 6"):
+        prepare_synthetic_dataset(other, rank1)
+
+
 def test_balance_batches_prices_training_packs_with_the_models_flop_estimate(tmp_path):
     model, processor, data_args, args, rows, eval_rows = setup_run(tmp_path, "--balance_batches", "true")
     with pytest.raises(UsageError, match="--balance_batches true needs the model config"):

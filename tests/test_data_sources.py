@@ -250,6 +250,11 @@ def test_rank_shards_are_disjoint_and_complete(world_size, kind):
     assert all(len(s) >= 2 for s in shards)
 
 
+def test_fewer_rows_than_ranks_leave_the_last_ranks_empty():
+    ds = _dataset(2, "x")
+    assert [_answers(shard_for_rank(ds, rank, 3)) for rank in range(3)] == [["x0"], ["x1"], []]
+
+
 def test_shard_for_rank_validates():
     ds = _dataset(2, "x")
     assert shard_for_rank(ds, 0, 1) is ds

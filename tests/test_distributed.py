@@ -92,8 +92,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
 
 def test_ranks_with_unequal_data_end_together(tmp_path):
-    # 7 training rows and 5 eval rows over 2 ranks: shards of different sizes, different eval batch counts.
-    torchrun(tmp_path, 4, 2, 7, 5, timeout=240)
+    # 7 training rows and 1 eval row over 2 ranks: shards of different sizes, rank 1 has no eval batch (an eval set
+    # smaller than the number of ranks used to crash in `datasets`' shard).
+    torchrun(tmp_path, 4, 2, 7, 1, timeout=240)
     info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [i["global_step"] for i in info] == [4, 4]
     losses = json.loads((tmp_path / "losses.json").read_text())
@@ -115,11 +116,16 @@ def test_torchrun_without_gpu_trains_as_ddp_through_the_entry_point(tmp_path):
     steps, batch = 3, 2
     out, data = tmp_path / "ddp", tmp_path / "data"
     argv = ["--output_dir", out, "--dataset_name_or_path", data, "--max_steps", steps, *ENTRY_SHORT,
-            "--per_device_train_batch_size", batch]
+            "--per_device_train_batch_size", batch, "--max_images_per_example", 1]  # multi-image rows: skipped
     proc = run_train_entry("demo", argv, nproc=2, threads=1)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 processes and no GPU: training them as one DDP job on CPU (gloo)" in proc.stderr
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in proc.stderr
+    # INFO from rank 0 only (each rank used to log its setup): one line per optimizer group, one curriculum line
+    assert [line.split(": ", 1)[1].split()[0] for line in proc.stderr.splitlines()
+            if "nanovlm.training.optim: " in line and "trainable params=" in line] == ["projector", "vision", "language"]
+    assert proc.stderr.count("Curriculum: the first epoch reads 20 train_simple rows before the 120 train rows (this "
+                             "process's share, 1 of 2)") == 1
     data_state = json.loads((out / f"checkpoint-{steps}" / "data_state.json").read_text())
     assert data_state["world_size"] == 2 and len(data_state["ranks"]) == 2
     state = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())
@@ -132,11 +138,16 @@ def test_torchrun_without_gpu_trains_as_ddp_through_the_entry_point(tmp_path):
     set_seed(args.seed)
     train_rows, _ = load_rows(data_args, args)
     model, processor = build_model_and_processor(model_args, train_rows)
-    per_rank = []
+    per_rank, skipped = [], []
     for rank in range(2):
         where = SimpleNamespace(process_index=rank, world_size=2, seed=args.seed)
-        packs = iter(build_datasets(data_args, where, processor, train_rows, None)[0])
+        train = build_datasets(data_args, where, processor, train_rows, None)[0]
+        packs = iter(train)
         per_rank.append([next(packs) for _ in range(steps * batch)])
+        skipped.append(train.source.counter.reasons["too_many_images"])  # this rank's skips so far
+    # the skip report counts every rank's skips (it used to log rank 0's only)
+    assert min(skipped) > 0
+    assert [e["data/skipped/too_many_images"] for e in logs][-1] == logs[-1]["data/skipped_total"] == sum(skipped)
     packs = [p for step in range(steps) for rank in range(2) for p in per_rank[rank][step * batch:(step + 1) * batch]]
     single_args = dataclasses.replace(args, output_dir=str(tmp_path / "single"), per_device_train_batch_size=2 * batch,
                                       save_strategy="no", dataloader_num_workers=0)

@@ -115,6 +115,10 @@ def test_none_or_null_unsets_an_optional_yaml_value(word, tmp_path):
     yaml_file = tmp_path / "recipe.yaml"
     yaml_file.write_text(config.read_text() + f"\ncurriculum_split: {word}\n")
     assert parse_args(["--config", str(yaml_file)])[1].curriculum_split is None
+    # the last occurrence of a flag wins, as in argparse (a `none` used to win wherever it stood)
+    base = ["--config", str(config), "--output_dir", str(tmp_path)]
+    assert parse_args([*base, "--curriculum_split", word, "--curriculum_split", "x"])[1].curriculum_split == "x"
+    assert parse_args([*base, "--curriculum_split", "x", f"--curriculum_split={word}"])[1].curriculum_split is None
 
 
 def test_resume_with_changed_settings_is_refused_naming_each_unless_the_data_restarts(data, tmp_path):
@@ -240,3 +244,42 @@ def test_max_image_size_off_the_models_tile_is_one_line(data, tmp_path):
         "train_accelerate.py: error: --max_image_size 96: must be a multiple of the tile size, as the vision tower "
         "takes 64 px tiles (vision_config.image_size); use 64"
     ]
+
+
+def test_balanced_batches_resume_with_another_batch_size_is_refused(tmp_path):
+    """--balance_batches cuts and orders each round's packs in batches of --per_device_train_batch_size, so a saved
+    position points at other packs under another size (a resume from 2 to 3 lost 3 of 40 rows of its epoch): refused,
+    naming the flag. Without --balance_batches the position is per pack and another batch size resumes exactly."""
+    from training_helpers import make_trainer, packed_dataset, synthetic_rows, tiny_setup
+
+    from nanovlm.training.build import data_position_settings
+    from nanovlm.training.errors import UsageError
+    from nanovlm.training.parser import parse_args
+
+    rows = synthetic_rows(24)
+
+    def trainer(batch: int, balance: bool, **overrides):
+        model_args, data_args, args = parse_args(
+            ["--config", str(ROOT / "configs/train/demo.yaml"), "--output_dir", str(tmp_path / str(balance)),
+             "--per_device_train_batch_size", str(batch), "--balance_batches", str(balance).lower(), "--max_steps",
+             "2", "--save_steps", "1", "--eval_strategy", "no", "--load_best_model_at_end", "false",
+             "--dataloader_num_workers", "0", "--report_to", "none"]
+        )
+        for key, value in overrides.items():
+            setattr(args, key, value)
+        model, processor = tiny_setup()
+        result = make_trainer(model, processor, args, packed_dataset(rows, processor))
+        result.run_settings = data_position_settings(model_args, data_args, args)
+        return result
+
+    for balance in (True, False):
+        trainer(2, balance, max_steps=1).train()
+    with pytest.raises(UsageError) as refused:
+        trainer(3, True).train(resume_from_checkpoint=True)
+    assert str(refused.value).startswith(
+        f"--resume_from_checkpoint {tmp_path / 'True' / 'checkpoint-1'}: saved with other settings "
+        "(--per_device_train_batch_size 2 -> 3); resume with the checkpoint's settings, or pass --resume_restart_data"
+    )
+    unbalanced = trainer(3, False)
+    unbalanced.train(resume_from_checkpoint=True)
+    assert unbalanced.state.global_step == 2

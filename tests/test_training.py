@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+import training_helpers
 from training_helpers import make_trainer, packed_dataset, synthetic_rows, tiny_setup, training_args
 from transformers import TrainerCallback
 from transformers.integrations.integration_utils import rewrite_logs
@@ -167,6 +168,10 @@ def test_loss_and_grads_equal_across_accumulation(rows, tmp_path, batch, accum):
 
 def test_resume_gives_the_same_losses_and_data(rows, tmp_path):
     common = dict(max_steps=6, save_strategy="steps", save_steps=3, dataloader_num_workers=1)
+
+    def packed_dataset(rows, processor):  # multi-image rows skipped, rounds of 8 rows: more skips after the resume
+        return training_helpers.packed_dataset(rows, processor, max_images_per_example=1, buffer_size=8)
+
     model, processor = tiny_setup()
     straight = make_trainer(model, processor, training_args(tmp_path / "a", **common), packed_dataset(rows, processor))
     losses_a, seen_a = record_micro_steps(straight)
@@ -190,6 +195,9 @@ def test_resume_gives_the_same_losses_and_data(rows, tmp_path):
     resumed.train(resume_from_checkpoint=True)
     assert seen_b1[:3] + seen_b2 == seen_a
     assert losses_b1[:3] + losses_b2 == pytest.approx(losses_a, abs=1e-6)
+    skipped = [[e["data/skipped_total"] for e in t.state.log_history if "loss" in e] for t in (straight, resumed)]
+    assert skipped[0][-1] > skipped[0][0] > 0  # skips in the first round, and more in later ones
+    assert skipped[1] == skipped[0]  # they restarted at 0 on resume
 
 
 def test_incomplete_checkpoint_is_never_loaded(rows, tmp_path):

@@ -67,10 +67,12 @@ def without_images(rows):
     return rows.map(lambda row: {"images": []})
 
 
-def packed_dataset(rows, processor, *, seq_length: int = 160, infinite: bool = True, rank: int = 0, world: int = 1):
-    builder = SampleBuilder(processor, max_sample_length=seq_length, max_images_per_example=3)
+def packed_dataset(rows, processor, *, seq_length: int = 160, infinite: bool = True, rank: int = 0, world: int = 1,
+                   max_images_per_example: int = 3, buffer_size: int = 32):
+    builder = SampleBuilder(processor, max_sample_length=seq_length, max_images_per_example=max_images_per_example)
     source = SampleDataset(shard_for_rank(rows, rank, world), builder, seed=0)
-    return PackedDataset(source, seq_length=seq_length, max_images_per_pack=12, buffer_size=32, seed=0, infinite=infinite)
+    return PackedDataset(source, seq_length=seq_length, max_images_per_pack=12, buffer_size=buffer_size, seed=0,
+                         infinite=infinite)
 
 
 def training_args(output_dir, **overrides) -> NanoVLMTrainingArguments:

@@ -473,6 +473,10 @@ def shard_for_rank(ds: AnyDataset, rank: int, world_size: int) -> AnyDataset:
         # (`SampleStream`) then split exactly this rank's shards; split_dataset_by_node's split is applied at
         # iteration time, after any further sharding, which would mix up the two levels.
         return ds.shard(num_shards=world_size, index=rank, contiguous=False)
+    if isinstance(ds, Dataset) and len(ds) < world_size:
+        # datasets' contiguous shard raises IndexError for a rank past the last row (an eval split smaller than the
+        # number of processes crashed the run); its split gives the first len(ds) ranks one row each, the rest none
+        return ds.select([rank] if rank < len(ds) else [])
     return split_dataset_by_node(ds, rank=rank, world_size=world_size)
 
 

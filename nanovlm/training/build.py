@@ -45,7 +45,13 @@ def prepare_synthetic_dataset(data_args, training_args) -> None:
         return
     path = Path(data_args.dataset_name_or_path)
     settings = data_args.synthetic_settings(training_args.seed)
-    if path.exists():
+    # Every check inside: the other processes look only once the main one has finished writing (one that looked
+    # while it wrote saw a folder without its settings record, took it as given and read a partial dataset).
+    with training_args.main_process_first(desc="building the synthetic dataset"):
+        if not path.exists():
+            logger.info("Building the synthetic dataset in %s", path)
+            build_synthetic_dataset(path, settings)
+            return
         built = recorded_settings(path)
         differences = [] if built is None else settings.differences(built, SYNTHETIC_FLAGS)
         if differences:
@@ -53,11 +59,6 @@ def prepare_synthetic_dataset(data_args, training_args) -> None:
                 f"The synthetic dataset in {path} was built with other settings ({'; '.join(differences)}). Delete "
                 "the folder to rebuild it, or point --dataset_name_or_path at a new folder."
             )
-        return
-    with training_args.main_process_first(desc="building the synthetic dataset"):
-        if not path.exists():
-            logger.info("Building the synthetic dataset in %s", path)
-            build_synthetic_dataset(path, settings)
 
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "name" or "org/name", as the Hub spells dataset ids
@@ -311,8 +312,9 @@ def build_datasets(data_args, training_args, processor, train_rows, eval_rows, m
         # Each rank gets its share of both splits, so every rank starts with curriculum rows.
         curriculum = shard_for_rank(_load_split(data_args, data_args.curriculum_split, streaming=False), rank, world)
         train_rows, first = datasets.concatenate_datasets([curriculum, train_rows]), len(curriculum)
-        logger.info("Curriculum: the first epoch reads %d %s rows before the %d %s rows", first,
-                    data_args.curriculum_split, len(train_rows) - first, data_args.train_split)
+        share = f" (this process's share, 1 of {world})" if world > 1 else ""
+        logger.info("Curriculum: the first epoch reads %d %s rows before the %d %s rows%s", first,
+                    data_args.curriculum_split, len(train_rows) - first, data_args.train_split, share)
     train = packed(train_rows, infinite=True, seed=training_args.seed, first=first, **balance)
     evaluation = None
     if eval_rows is not None:
@@ -338,7 +340,12 @@ def data_position_settings(model_args, data_args, training_args) -> dict:
     """{flag: value} of the settings that define the data position and the packing (DATA_POSITION_FLAGS); the
     trainer saves them with every checkpoint and compares them on resume."""
     sources = {"data": data_args, "model": model_args, "training": training_args}
-    return {name: getattr(sources[kind], name) for kind, names in DATA_POSITION_FLAGS.items() for name in names}
+    settings = {name: getattr(sources[kind], name) for kind, names in DATA_POSITION_FLAGS.items() for name in names}
+    if data_args.balance_batches:
+        # --balance_batches cuts and orders each round's packs in batches of this size: a saved position (packs done
+        # in the round) points at other packs under another batch size (a resume lost 3 of 40 rows of an epoch)
+        settings["per_device_train_batch_size"] = training_args.per_device_train_batch_size
+    return settings
 
 
 def check_fsdp_device(training_args) -> None:

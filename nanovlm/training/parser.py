@@ -242,7 +242,8 @@ class NanoVLMArgumentParser(HfArgumentParser):
 
     def _pop_none_flags(self, argv: list[str]) -> tuple[list[str], set[str]]:
         """(argv without `--flag none` / `--flag=null` (any case) of optional fields, the fields they unset).
-        Taken out before argparse, whose int/float/bool converters would reject the word."""
+        Taken out before argparse, whose int/float/bool converters would reject the word. As in argparse, the last
+        occurrence of a flag wins: `--flag none --flag x` sets x, `--flag x --flag none` unsets."""
         kept, unset, i = [], set(), 0
         while i < len(argv):
             flag, eq, inline = argv[i].partition("=")
@@ -252,6 +253,8 @@ class NanoVLMArgumentParser(HfArgumentParser):
                 unset.add(action.dest)
                 i += 1 if eq else 2
                 continue
+            if action is not None:  # a later value overrides an earlier `none`, as argparse's last flag wins
+                unset.discard(action.dest)
             kept.append(argv[i])
             i += 1
         return kept, unset

@@ -136,7 +136,8 @@ class NanoVLMTrainer(Trainer):
         )
         self.data_state: dict | None = None
         self._bookkeeping: dict[str, Any] = {}  # the last batch's, popped by _prepare_inputs
-        self.skip_counts: Counter = Counter()  # samples skipped by reason, summed over this process's workers
+        self.skip_counts: Counter = Counter()  # samples skipped by reason, summed over this process's workers (the
+        # logs sum them over processes)
         self._skip_by_worker: dict[int, dict] = {}
         self._reset_window()
         self._last_step_end: float | None = None
@@ -195,13 +196,16 @@ class NanoVLMTrainer(Trainer):
 
     def _record_bookkeeping(self, bookkeeping: dict[str, Any]) -> dict[str, Any]:
         """Fold a training batch's pack states and skip counts into the trainer's; returns its stats."""
-        if bookkeeping.get("data_state"):
-            self.data_state = combine_pack_states(bookkeeping["data_state"], self.data_state)
         skipped = bookkeeping.get("skipped")
         for entry in skipped or ():
             self._skip_by_worker[entry["worker"]] = entry["counts"]
         if skipped:
             self.skip_counts = sum((Counter(c) for c in self._skip_by_worker.values()), Counter())
+        if bookkeeping.get("data_state"):
+            self.data_state = combine_pack_states(bookkeeping["data_state"], self.data_state)
+            if self._skip_by_worker:  # each worker's counts at its last pack, saved beside the position: a resumed
+                # worker continues from them (PackedDataset), instead of restarting its counts at 0
+                self.data_state["skipped"] = {str(w): dict(c) for w, c in self._skip_by_worker.items()}
         return bookkeeping.get("stats") or {}
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -291,8 +295,10 @@ class NanoVLMTrainer(Trainer):
         logs = {f"perf/{k}": v for k, v in self._gathered(local).items()}
         if steps:
             logs["perf/step_flops_max_over_mean"] = self._flops_imbalance(steps)
-        logs["data/skipped_total"] = float(sum(self.skip_counts.values()))
-        for reason, n in sorted(self.skip_counts.items()):
+        # summed over processes: each rank skips in its own share of the rows (one collective, as _gathered)
+        skipped = sum((Counter(c) for c in self._gather_objects(dict(self.skip_counts))), Counter())
+        logs["data/skipped_total"] = float(sum(skipped.values()))
+        for reason, n in sorted(skipped.items()):
             logs[f"data/skipped/{reason}"] = float(n)
         # no "train/" prefix: wandb's callback prefixes every training key with it (next to loss, grad_norm)
         logs["nonfinite_steps_skipped"] = float(self.nonfinite_guard.total_skipped)
@@ -472,7 +478,10 @@ class NanoVLMTrainer(Trainer):
         restart = self.args.resume_restart_data
         changed = {kind: [(k, saved[kind].get(k), now[kind].get(k)) for k in sorted(set(saved[kind]) | set(now[kind]))
                           if saved[kind].get(k) != now[kind].get(k)] for kind in ("data", "model")}
-        data = [f"--{k} {old} -> {new}" for k, old, new in changed["data"] if k in now["data"] and not restart]
+        # a flag recorded on one side only is not compared: one only some settings record (per_device_train_batch_size
+        # with --balance_batches, whose own change is named), or one an older version did not record yet
+        data = [f"--{k} {old} -> {new}" for k, old, new in changed["data"]
+                if k in now["data"] and k in saved["data"] and not restart]
         model = [f"model config {k} {old} -> {new}" for k, old, new in changed["model"]]
         if model:
             fix = "its weights only load into the same model: resume with the checkpoint's model settings, or start " \
@@ -543,6 +552,8 @@ class NanoVLMTrainer(Trainer):
         if state is not None:
             dataset.load_state_dict(state)
             self.data_state = state
+            self._skip_by_worker = {int(w): c for w, c in (state.get("skipped") or {}).items()}
+            self.skip_counts = sum((Counter(c) for c in self._skip_by_worker.values()), Counter())
         # The dataset continues where it was: Trainer must not also skip the batches it already consumed.
         self.args.ignore_data_skip = True
         logger.info("Restored the data position from %s.", path)
