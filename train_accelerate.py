@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
         model_args, data_args, training_args = parse_args(argv)
     except (ValueError, FileNotFoundError) as err:  # a bad command line: the message, not a traceback
         raise SystemExit(f"train_accelerate.py: error: {err}") from None
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # INFO on each node's first process only, as transformers' own logs (`should_log`): every rank logs the same
+    # data and optimizer lines, so under torchrun each appeared once per process; the others keep warnings.
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     resume = training_args.resume_from_checkpoint
     done = completed_step(training_args.output_dir, resume, training_args.max_steps)
     if done is not None:  # resuming would train an extra step and overwrite final/: leave the run as it is

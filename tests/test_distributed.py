@@ -120,6 +120,8 @@ def test_torchrun_without_gpu_trains_as_ddp_through_the_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 processes and no GPU: training them as one DDP job on CPU (gloo)" in proc.stderr
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in proc.stderr
+    # INFO lines come from the first process only (each used to appear once per rank)
+    assert proc.stderr.count("INFO nanovlm.training.optim: projector") == 1, proc.stderr[-4000:]
     data_state = json.loads((out / f"checkpoint-{steps}" / "data_state.json").read_text())
     assert data_state["world_size"] == 2 and len(data_state["ranks"]) == 2
     state = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())
