@@ -21,8 +21,9 @@ How each block is run:
   fails on any import error in any test module.
 - Training commands get overrides appended (the parser lets a later flag win): 40 demo steps (6 for DDP and LoRA;
   the restart-data resume trains 20 more) and small synthetic splits (`FAST_TRAIN`, `FAST_DATA`); the rows the
-  README's examples use (test rows 5 and 18) are identical to the full demo's, since synthetic sample i depends only on (seed, split, i). Other commands get smaller sizes where they have
-  them (`--num_train`, `--samples`). No block is skipped.
+  README's examples use (test rows 5 and 18) are identical to the full demo's, since synthetic sample i depends
+  only on (seed, split, i). Other commands get smaller sizes where they have them (`--num_train`, `--samples`). No
+  block is skipped.
 - Blocks that need the hub or GPUs are the only exceptions, named in `EXCEPTIONS`: each one is checked to fail here
   with its one-line message (the converter's hub error, the training arguments' "no bf16/GPU" error, the hub error of
   `from_backbones`'s first download) or to parse (`bash -n`, the accelerate config, the script's own argument
