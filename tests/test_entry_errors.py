@@ -152,6 +152,17 @@ def test_resume_with_changed_settings_is_refused_naming_each_unless_the_data_res
     assert json.loads((out / "checkpoint-3" / "run_settings.json").read_text())["data"]["seq_length"] == 256
 
 
+def test_resume_from_a_missing_checkpoint_is_one_line(data, tmp_path):
+    missing = tmp_path / "run" / "checkpoint-999"
+    proc = run_entry(["--output_dir", str(tmp_path / "run"), "--dataset_name_or_path", str(data), *SMALL,
+                      "--synthetic_dataset", "false", "--max_steps", "2", "--resume_from_checkpoint", str(missing)])
+    assert proc.returncode == 1
+    assert error_lines(proc) == [
+        f"train_accelerate.py: error: --resume_from_checkpoint: {missing} is not a complete checkpoint (no readable "
+        "trainer_state.json); pass --resume_from_checkpoint true to pick the last complete one."
+    ]
+
+
 def test_resume_with_changed_data_settings_names_the_way_out(tmp_path):
     from training_helpers import make_trainer, packed_dataset, synthetic_rows, tiny_setup, training_args
 

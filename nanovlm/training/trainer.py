@@ -485,9 +485,9 @@ class NanoVLMTrainer(Trainer):
                 logger.warning("No complete checkpoint in %s: training from scratch.", self.args.output_dir)
         if resume_from_checkpoint:
             if not is_complete_checkpoint(resume_from_checkpoint):
-                raise ValueError(
-                    f"{resume_from_checkpoint} is not a complete checkpoint (no readable {TRAINER_STATE_NAME}); pass "
-                    "--resume_from_checkpoint true to pick the last complete one."
+                raise UsageError(  # a flag to fix: the entry point prints it as one line, not a traceback
+                    f"--resume_from_checkpoint: {resume_from_checkpoint} is not a complete checkpoint (no readable "
+                    f"{TRAINER_STATE_NAME}); pass --resume_from_checkpoint true to pick the last complete one."
                 )
             self._check_run_settings(resume_from_checkpoint)
             if self.args.resume_restart_data:
