@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
         model_args, data_args, training_args = parse_args(argv)
     except (ValueError, FileNotFoundError) as err:  # a bad command line: the message, not a traceback
         raise SystemExit(f"train_accelerate.py: error: {err}") from None
-    # INFO from the main process only (the others would repeat the setup logs), warnings from every process: what
-    # transformers' --log_level_replica does for its own loggers
+    # INFO on each node's first process only, as transformers' own logs (`should_log`): every rank logs the same
+    # data and optimizer lines, so under torchrun each appeared once per process; the others keep warnings.
     level = logging.INFO if training_args.should_log else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     resume = training_args.resume_from_checkpoint

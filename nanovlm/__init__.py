@@ -29,7 +29,13 @@ __version__ = "0.1.0"
 AutoConfig.register(NanoVLMConfig.model_type, NanoVLMConfig, exist_ok=True)
 for _auto in (AutoModel, AutoModelForImageTextToText, AutoModelForCausalLM):
     _auto.register(NanoVLMConfig, NanoVLMForConditionalGeneration, exist_ok=True)
-AutoImageProcessor.register(NanoVLMConfig, image_processor_classes={"pil": NanoVLMImageProcessor}, exist_ok=True)
+# One class for both backend keys: it needs no torchvision, and transformers asks for the "torchvision" backend
+# whenever torchvision is installed, so with only "pil" registered every load warned "Requested torchvision backend
+# is not available. Falling back to pil backend." (misleading: nothing was requested and torchvision is there).
+AutoImageProcessor.register(
+    NanoVLMConfig, image_processor_classes={"pil": NanoVLMImageProcessor, "torchvision": NanoVLMImageProcessor},
+    exist_ok=True,
+)
 AutoProcessor.register(NanoVLMConfig, NanoVLMProcessor, exist_ok=True)
 
 NanoVLMConfig.register_for_auto_class()

@@ -145,6 +145,16 @@ def test_original_nanovlm_checkpoint_points_to_convert(tmp_path, capsys):
     _assert_one_line_error(*result, match=f"original nanoVLM checkpoint; convert it first: nanovlm-convert --input {tmp_path}")
 
 
+def test_lora_adapter_folder_points_to_merge(tmp_path, capsys):
+    """A LoRA run's final/ (adapter_config.json + adapter weights, no config.json): the message gives the merge."""
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "b"}))
+    result = run(capsys, "--model", tmp_path, "--prompt", PROMPT)
+    _assert_one_line_error(*result, match=(
+        f"{tmp_path} is a LoRA adapter, not a full checkpoint; merge it into one first: python -c \"from "
+        f"nanovlm.training.lora import merge_lora_checkpoint; merge_lora_checkpoint('{tmp_path}', '{tmp_path}-merged')\" "
+        f"then --model {tmp_path}-merged"))
+
+
 def test_sampling_flags_need_do_sample(checkpoint, capsys):
     code, out, err = run(capsys, "--model", checkpoint["dir"], "--prompt", PROMPT, "--temperature", 0.5)
     assert code == 2 and out == ""

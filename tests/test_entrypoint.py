@@ -44,6 +44,9 @@ def test_shortened_demo_run(tmp_path):
     from nanovlm.evaluation.scoring import blind_guess_accuracy
 
     splits = datasets.load_from_disk(str(data))
+    # the accuracies are over questions (every turn of a test row), and the heading says how many
+    questions = sum(len(texts) for texts in splits["test"]["texts"])
+    assert questions > 24 and f"Held-out accuracy on 24 synthetic test samples ({questions} questions;" in proc.stdout
     seen = datasets.concatenate_datasets(
         [splits[name].select_columns(["texts", "question_type"]) for name in ("train", "train_simple")]
     )
@@ -67,6 +70,11 @@ def test_shortened_demo_run(tmp_path):
     assert (saved["image_mean"], saved["image_std"]) == (demo["image_mean"], demo["image_std"])
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["best_model_checkpoint"] is not None and state["global_step"] == 6
+    # final/ holds the best checkpoint: its step is recorded beside the last one, and named on the card
+    best_step = int(state["best_model_checkpoint"].rsplit("-", 1)[1])
+    assert info["steps"] == 6 and info["best_step"] == best_step
+    assert f"- best validation loss at step {best_step} (the checkpoint kept): {state['best_metric']:.4f}" in (
+        final / "README.md").read_text()
     evals = [e for e in state["log_history"] if "eval_loss" in e]
     assert [e["step"] for e in evals] == [3, 6]
     # a fresh process without nanovlm loads it with trust_remote_code

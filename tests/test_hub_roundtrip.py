@@ -92,6 +92,36 @@ def test_trust_remote_code_roundtrip_in_fresh_process(tiny_model, tiny_processor
         assert torch.equal(remote[name], ref)
 
 
+QUIET_LOAD_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import nanovlm  # registered with the auto classes, as in nanovlm-generate, training and evaluation
+    from transformers import AutoImageProcessor, AutoProcessor
+    for auto in (AutoProcessor, AutoImageProcessor):
+        loaded = auto.from_pretrained(sys.argv[1], trust_remote_code=True)
+        image_processor = getattr(loaded, "image_processor", loaded)
+        print(type(image_processor).__module__ + "." + type(image_processor).__name__)
+    """
+)
+
+
+def test_processor_loads_without_a_backend_warning_when_nanovlm_is_imported(tiny_processor, tmp_path):
+    """With nanovlm imported, AutoProcessor/AutoImageProcessor pick the registered NanoVLMImageProcessor, and
+    transformers (which asks for its "torchvision" backend whenever torchvision is installed) does not warn that
+    "Requested torchvision backend is not available": our one class serves both backends."""
+    ckpt = tmp_path / "ckpt"
+    tiny_processor.save_pretrained(ckpt)
+    script = tmp_path / "quiet.py"
+    script.write_text(QUIET_LOAD_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    proc = subprocess.run([sys.executable, str(script), str(ckpt)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["nanovlm.image_processing_nanovlm.NanoVLMImageProcessor"] * 2, proc.stdout
+    assert "backend is not available" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_push_to_hub_publishes_the_saved_files(tiny_model, tmp_path, monkeypatch):
     """push_to_hub uploads exactly what save_pretrained writes. The hub is unreachable here, so the three network
     calls (create repo, fetch card, upload) are replaced; everything between them is the real code path."""

@@ -189,6 +189,16 @@ def test_every_trainer_save_writes_the_card_and_training_info(tmp_path):
     assert "| overall | 0.500 | 0.250 |" in (tmp_path / "final" / "README.md").read_text()
 
 
+def test_card_names_the_step_of_the_checkpoint_kept(tiny_model):
+    """final/ holds the best checkpoint's weights, not necessarily the last step's: the card says which step."""
+    info = {**TRAINING_INFO, "best_eval_loss": 0.74126, "best_step": 400}
+    text = build_model_card(tiny_model, repo_id="me/x", training_info=info)
+    assert "- steps: 1,234 (global batch 64 packed rows)" in text
+    assert "- best validation loss at step 400 (the checkpoint kept): 0.7413" in text
+    older = {k: v for k, v in info.items() if k != "best_step"}  # training_info.json of an older run
+    assert "- best validation loss (the checkpoint kept): 0.7413" in build_model_card(tiny_model, training_info=older)
+
+
 @pytest.mark.parametrize("name", ["me/model", "outputs/demo/final"])
 def test_only_hub_ids_become_metadata(tiny_model, tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)

@@ -19,10 +19,11 @@ How each block is run:
 - The test command (`.venv/bin/python -m pytest -q`) runs with `--collect-only` appended, in the repo root: the full
   suite is what CI runs with that very command, and running it from inside itself would recurse. Collection still
   fails on any import error in any test module.
-- Training commands get overrides appended (the parser lets a later flag win): 40 demo steps (6 for DDP and LoRA)
-  and small synthetic splits (`FAST_TRAIN`, `FAST_DATA`); the rows the README's examples use (test rows 5 and 18) are identical to the full
-  demo's, since synthetic sample i depends only on (seed, split, i). Other commands get smaller sizes where they have
-  them (`--num_train`, `--samples`). No block is skipped.
+- Training commands get overrides appended (the parser lets a later flag win): 40 demo steps (6 for DDP and LoRA;
+  the restart-data resume trains 20 more) and small synthetic splits (`FAST_TRAIN`, `FAST_DATA`); the rows the
+  README's examples use (test rows 5 and 18) are identical to the full demo's, since synthetic sample i depends
+  only on (seed, split, i). Other commands get smaller sizes where they have them (`--num_train`, `--samples`). No
+  block is skipped.
 - Blocks that need the hub or GPUs are the only exceptions, named in `EXCEPTIONS`: each one is checked to fail here
   with its one-line message (the converter's hub error, the training arguments' "no bf16/GPU" error, the hub error of
   `from_backbones`'s first download) or to parse (`bash -n`, the accelerate config, the script's own argument
@@ -382,6 +383,21 @@ def step_resume(step: Step, cwd: Path) -> None:
     assert re.search(rf"\b{DEMO_STEPS}\b", said) and "complete" in said.lower(), f"no 'complete at step N':\n{show(proc)}"
 
 
+def step_resume_restart(step: Step, cwd: Path) -> None:
+    """Resuming the finished demo with new data settings and a higher --max_steps trains on from its last
+    checkpoint, the data restarted and packed with the new settings (20 steps here; the README's 200)."""
+    assert "--max_steps" in step.text, "on the finished demo, the README's restart command must raise --max_steps"
+    steps = DEMO_STEPS + 20
+    proc = ok(run(with_args(step.text, FAST_DATA + FAST_TRAIN + ["--max_steps", str(steps)]), cwd))
+    assert "the data restarts from its beginning (--resume_restart_data)" in proc.stderr, show(proc)
+    checkpoint = cwd / "outputs/demo" / f"checkpoint-{steps}"
+    settings = json.loads((checkpoint / "run_settings.json").read_text())["data"]
+    assert (settings["seq_length"], settings["max_sample_length"]) == (512, 512), settings
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == steps and [e["step"] for e in state["log_history"] if "eval_loss" in e][-2:] == [
+        DEMO_STEPS, steps], state["log_history"]
+
+
 def step_eval(step: Step, cwd: Path) -> None:
     ok(run(step.text, cwd))
     assert step.results, "the README states no result for nanovlm.evaluation.run"
@@ -468,6 +484,7 @@ def step_bench(step: Step, cwd: Path) -> None:
 
 # (substring of the command or block, runner), first match wins; anything else runs as written via step_generic
 RUNNERS = [
+    ("--resume_restart_data true", step_resume_restart),
     ("train_accelerate.py --config configs/train/demo.yaml --resume_from_checkpoint", step_resume),
     ("torch.distributed.run --standalone --nproc_per_node 2", step_ddp),
     (" && ", step_quickstart),
@@ -581,7 +598,8 @@ def test_every_block_is_run():
     ran = [s for s in STEPS if not exception_for(s)]
     assert len(STEPS) == len(ran) + len(excepted) and len(excepted) == len(EXCEPTIONS)
     # every step that needs the scratch's earlier outputs has its runner (a renamed command would fall to generic)
-    assert {runner_for(s) for s in ran} >= {step_quickstart, step_usage, step_api, step_ddp, step_resume, step_eval,
+    assert {runner_for(s) for s in ran} >= {step_quickstart, step_usage, step_api, step_ddp, step_resume,
+                                            step_resume_restart, step_eval,
                                             step_lmms_cli, step_lora, step_merge, step_synthetic, step_bench}
 
 

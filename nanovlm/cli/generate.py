@@ -8,8 +8,8 @@ The checkpoint (a folder or a hub id) is loaded with AutoModel/AutoProcessor(tru
 checkpoint works, converted nanoVLM ones included. The images go first in the user turn, then the prompt (nanoVLM's
 order); an optional `--system` turn comes before. The answer is streamed with transformers' `TextIteratorStreamer`
 while `generate` runs in a thread; stdout receives only the answer. Input problems (missing or unreadable image, no such
-model folder, unreachable hub id, a checkpoint that is not a nanovlm one, a corrupt weights file, an image token typed
-into the prompt) end with exit status 2 and one line on stderr.
+model folder, unreachable hub id, a checkpoint that is not a nanovlm one, a LoRA adapter folder, a corrupt weights
+file, an image token typed into the prompt) end with exit status 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -112,6 +112,14 @@ def check_checkpoint(model: str) -> None:
     if looks_local and not path.is_dir():
         raise UsageError(f"model folder not found: {model} (pass a nanovlm checkpoint folder or a hub id)")
     raw_config = path / "config.json"
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not raw_config.is_file():
+        # a LoRA run's final/ holds the adapter only (PEFT's files): without this, transformers' "Unrecognized model"
+        merged = f"{model.rstrip('/')}-merged"
+        raise UsageError(
+            f"{model} is a LoRA adapter, not a full checkpoint; merge it into one first: python -c \"from "
+            f"nanovlm.training.lora import merge_lora_checkpoint; merge_lora_checkpoint('{model}', '{merged}')\" "
+            f"then --model {merged}"
+        )
     if path.is_dir() and raw_config.is_file():
         try:
             raw = json.loads(raw_config.read_text())

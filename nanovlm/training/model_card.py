@@ -16,6 +16,7 @@ optional:
     train_loss         float: the last logged training loss
     eval_loss          float: the last validation loss
     best_eval_loss     float: the best validation loss (its checkpoint is the one kept, with load_best_model_at_end)
+    best_step          int: that checkpoint's step (the weights saved; `steps` is the last step trained)
     evaluation         {"test_accuracy": {question type: acc}, "blind_guess_accuracy": {...}} (synthetic data) and/or
                        {"metrics": {name: value}}
     finetuned_from     str: the checkpoint this run started from
@@ -200,7 +201,8 @@ def _evaluation_section(info: dict[str, Any]) -> str | None:
     if info.get("eval_loss") is not None:
         lines.append(f"- validation loss (last evaluation): {info['eval_loss']:.4f}")
     if info.get("best_eval_loss") is not None:
-        lines.append(f"- best validation loss (the checkpoint kept): {info['best_eval_loss']:.4f}")
+        at = f" at step {info['best_step']}" if info.get("best_step") is not None else ""
+        lines.append(f"- best validation loss{at} (the checkpoint kept): {info['best_eval_loss']:.4f}")
     for name, value in (evaluation.get("metrics") or {}).items():
         lines.append(f"- {name}: {value:.4f}" if isinstance(value, float) else f"- {name}: {value}")
     accuracy = evaluation.get("test_accuracy") or {}

@@ -55,8 +55,10 @@ def _synthetic_accuracy(
         return {}
     table = format_accuracy_table(accuracy, blind)
     # printed, not logged: the table is the demo's promised output on stdout (tests and the README read it)
-    print(f"\nHeld-out accuracy on {len(test)} synthetic test samples (lmms-eval, nanovlm_synthetic):\n{table}\n",
-          flush=True)
+    # every turn of a row is one question (lmms-eval's documents): the accuracies are over questions, not rows
+    questions = sum(len(texts) for texts in test["texts"])
+    print(f"\nHeld-out accuracy on {len(test)} synthetic test samples ({questions} questions; lmms-eval, "
+          f"nanovlm_synthetic):\n{table}\n", flush=True)
     return {"test_accuracy": accuracy, "blind_guess_accuracy": blind}
 
 

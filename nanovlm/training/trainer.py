@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -353,9 +354,9 @@ class NanoVLMTrainer(Trainer):
     # ---- model card ----------------------------------------------------------------------------------------------
     def training_info(self, dataset: str | list[str] | None = None, finetuned_from: str | None = None) -> dict:
         """What the model card reports about this run (see model_card.py): steps, global batch, LRs, the
-        last training loss, the last and best validation loss, the data (`dataset`, else `card_info["dataset"]`,
-        else the `save_to_disk` folder of the training rows), LoRA settings, and the accuracy tables of the results
-        given to `set_results`."""
+        last training loss, the last and best validation loss (and the best one's step), the data (`dataset`, else
+        `card_info["dataset"]`, else the `save_to_disk` folder of the training rows), LoRA settings, and the accuracy
+        tables of the results given to `set_results`."""
         history = self.state.log_history
         losses = [e["loss"] for e in history if "loss" in e]
         eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
@@ -375,6 +376,9 @@ class NanoVLMTrainer(Trainer):
             info["eval_loss"] = eval_losses[-1]
         if self.args.load_best_model_at_end and self.args.metric_for_best_model == "eval_loss":
             info["best_eval_loss"] = self.state.best_metric
+            # the step whose weights final/ holds: "steps" is the last step, which may not be the best one
+            best = re.search(r"checkpoint-(\d+)$", str(self.state.best_model_checkpoint or "").rstrip("/"))
+            info["best_step"] = int(best.group(1)) if best else None
         if model is not base:  # a PeftModel
             from .lora import lora_info
 
