@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import torch
 from transformers import AutoModel
@@ -205,6 +207,41 @@ def test_a_process_reads_the_synthetic_dataset_only_after_the_main_process_wrote
     other = dataclasses.replace(data_args, synthetic_num_train=7)
     with pytest.raises(UsageError, match="--synthetic_num_train: requested 7, built 6"):
         prepare_synthetic_dataset(other, rank1)
+
+
+def test_the_synthetic_dataset_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """It is built in a private folder and renamed into place: a build killed half-way leaves no folder (a partial one
+    has no settings record and would be read as given), and when another node's process renamed its copy in first (a
+    shared filesystem; main_process_first orders one node's processes only), that copy is used and ours removed."""
+    real_build = syn.build_synthetic_dataset
+    _, data_args, args = parse_args([
+        "--output_dir", str(tmp_path / "run"), "--dataset_name_or_path", str(tmp_path / "out" / "data"),
+        "--synthetic_dataset", "true", "--synthetic_num_train", "6", "--synthetic_num_validation", "2",
+        "--synthetic_num_test", "0", "--synthetic_num_train_simple", "0", "--synthetic_image_size", "32", *MODEL,
+    ])
+
+    def killed(out, settings):
+        (Path(out) / "train").mkdir(parents=True)  # save_to_disk had begun
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(syn, "build_synthetic_dataset", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_synthetic_dataset(data_args, args)
+    assert list((tmp_path / "out").iterdir()) == []  # neither the dataset folder nor the private one
+
+    built_by = []
+
+    def another_node_first(out, settings):
+        real_build(tmp_path / "out" / "data", settings)  # the other node renames its copy in while we build
+        built_by.append(Path(out).name)
+        return real_build(out, settings)
+
+    monkeypatch.setattr(syn, "build_synthetic_dataset", another_node_first)
+    prepare_synthetic_dataset(data_args, args)
+    assert built_by[0].startswith(".data.partial-") and [p.name for p in (tmp_path / "out").iterdir()] == ["data"]
+    assert datasets.load_from_disk(str(tmp_path / "out" / "data"))["train"].num_rows == 6
+    with pytest.raises(UsageError, match="--synthetic_num_train: requested 7, built 6"):  # the copy used is checked
+        prepare_synthetic_dataset(dataclasses.replace(data_args, synthetic_num_train=7), args)
 
 
 def test_balance_batches_prices_training_packs_with_the_models_flop_estimate(tmp_path):
