@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from nanovlm.data.packing import NANOVLM_EXTRA_PACKS
+from nanovlm.data.knapsack import NANOVLM_EXTRA_PACKS
 
 __all__ = ["group_lengths", "nanovlm_balanced_greedy", "real_token_fraction"]
 

@@ -13,14 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from nanovlm.data.packing import (
-    Measured,
-    PackedDataset,
-    _worst_fit_balanced,
-    balanced_groups,
-    combine_pack_states,
-    knapsack_pack,
-)
+from nanovlm.data.knapsack import _worst_fit_balanced, balanced_groups, knapsack_pack
+from nanovlm.data.packing import Measured, PackedDataset, combine_pack_states
 
 
 def _bench_baselines():
