@@ -56,6 +56,7 @@ from nanovlm.image_processing_nanovlm import NanoVLMImageProcessor
 from nanovlm.modeling_nanovlm import NanoVLMForConditionalGeneration
 from nanovlm.processing_nanovlm import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, NanoVLMProcessor, tile_token
 from nanovlm.tokenizer import extend_tokenizer
+from nanovlm.training.checks import is_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
                 "VisionLanguageModel.save_pretrained writes config.json and model.safetensors)."
             )
         return path
-    if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+    if is_local_path(str(source)):
         raise FileNotFoundError(f"--input {source!s}: no such folder, and not a hub id of the form 'owner/name'.")
     from huggingface_hub import hf_hub_download
 

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from nanovlm.devices import DTYPES, resolve_device, resolve_dtype
+from nanovlm.training.checks import is_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,7 @@ def check_checkpoint(model: str) -> None:
     from transformers import AutoConfig
 
     path = Path(model).expanduser()
-    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
-    if looks_local and not path.is_dir():
+    if is_local_path(model) and not path.is_dir():
         raise UsageError(f"model folder not found: {model} (pass a nanovlm checkpoint folder or a hub id)")
     raw_config = path / "config.json"
     if path.is_dir() and (path / "adapter_config.json").is_file() and not raw_config.is_file():

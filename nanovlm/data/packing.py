@@ -324,22 +324,24 @@ class PackedDataset(IterableDataset):
             epoch, start, skip = self._resume["epoch"], 0, 0
         else:
             epoch, start, skip = state["epoch"], state["round_start"], state["packs_done"]
-        restore = True  # the skip counts saved with the position: set before the first round is read ...
+        first_round = True  # the skip counts saved with the position are set before it is read ...
         while True:
             reader = self._read(epoch, worker, num_workers, start)
             from_start, yielded = start == 0, 0
             while True:
                 if hasattr(self.source, "new_round"):  # the previous round's keys are all released by now
                     self.source.new_round()
-                if restore and not skip:
-                    restore = self._restore_skip_counts(worker)
+                if first_round and not skip:
+                    self._restore_skip_counts(worker)
+                    first_round = False
                 items = list(itertools.islice(reader, self.buffer_size))
                 if not items:
                     break
                 read = len(items)
                 packs = self._round_packs(items, epoch, worker, num_workers, start)
-                if restore:  # ... or after it, when packs of it were done: they include its measuring's skips
-                    restore = self._restore_skip_counts(worker)
+                if first_round:  # ... or after it, when packs of it were done: they include its measuring's skips
+                    self._restore_skip_counts(worker)
+                    first_round = False
                 del items  # the packs hold the round now: one copy of it in memory, not two
                 end_of_epoch = read < self.buffer_size
                 for k in range(skip, len(packs)):
@@ -387,15 +389,14 @@ class PackedDataset(IterableDataset):
             pack["skipped"] = {"worker": worker, "counts": dict(counter.reasons)}
         return pack
 
-    def _restore_skip_counts(self, worker: int) -> bool:
+    def _restore_skip_counts(self, worker: int) -> None:
         """Set the source's skip counter to this worker's counts saved beside the loaded position (its
-        `skipped` entry, which the trainer writes), so a resumed run's counts continue; returns False (done)."""
+        `skipped` entry, which the trainer writes), so a resumed run's counts continue."""
         counts = (self._resume.get("skipped") or {}).get(str(worker))
         counter = getattr(self.source, "counter", None)
         if counts is not None and counter is not None:
             counter.reasons.clear()
             counter.reasons.update(counts)
-        return False
 
     def __iter__(self) -> Iterator[dict]:
         """Yield packs from the loaded state on; in a DataLoader worker, only that worker's share."""

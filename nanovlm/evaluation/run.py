@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..training.checks import is_local_path
 from .launcher import result_file, write_json_atomic
 from .tasks import TASKS_DIR
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = args.checkpoint
     step = args.global_step if args.global_step is not None else default_step(checkpoint)
     is_local = Path(checkpoint).exists()
-    if not is_local and (checkpoint.startswith((".", "/")) or checkpoint.count("/") != 1):
+    if not is_local and is_local_path(checkpoint):
         parser.error(f"--checkpoint {checkpoint} does not exist; pass a checkpoint folder or a hub id (org/name)")
     output_dir = (
         Path(args.output_dir)

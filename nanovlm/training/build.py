@@ -31,6 +31,7 @@ from ..modeling_nanovlm import NanoVLMForConditionalGeneration
 from ..processing_nanovlm import NanoVLMProcessor
 from ..tokenizer import extend_tokenizer, train_tokenizer
 from .arguments import RATING_FIELDS, SYNTHETIC_FLAGS
+from .checks import is_local_path
 from .errors import UsageError
 from .flops import pack_flops
 
@@ -189,8 +190,7 @@ def build_model_and_processor(model_args, train_rows=None):
     kw = {"attn_implementation": model_args.attn_implementation}
     if model_args.model_name_or_path:
         path = model_args.model_name_or_path
-        local = path.startswith((".", "/", "~")) or path.count("/") != 1  # a hub id is exactly "org/name"
-        if local and not os.path.isdir(os.path.expanduser(path)):
+        if is_local_path(path) and not os.path.isdir(os.path.expanduser(path)):
             raise UsageError(f"--model_name_or_path {path}: no such folder; pass a folder saved by this trainer "
                              "(OUTPUT_DIR/final) or a hub id (org/name)")
         with _loading(f"--model_name_or_path {path}", "pass a folder saved by this trainer (OUTPUT_DIR/final) or a hub id"):

@@ -8,10 +8,18 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 # Metadata keys that declare a field's bounds for `field_errors`; argparse does not know them (the parser drops them).
 RULE_KEYS = frozenset({"min", "range"})
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a model/checkpoint argument means a local path rather than a hub id: it exists here, starts like a
+    path (`.`, `/`, `~`), or is not of the hub's `org/name` form. The CLIs and the trainer use it to say "no such
+    folder" at once instead of trying the hub."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
 
 
 def is_int(value: Any) -> bool:
