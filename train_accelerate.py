@@ -33,11 +33,12 @@ from nanovlm.training.build import (
     load_rows,
     prepare_synthetic_dataset,
 )
+from nanovlm.training.checkpoints import check_resume_checkpoint, completed_step
 from nanovlm.training.errors import NonFiniteLossError, UsageError, one_line
 from nanovlm.training.parser import parse_args
 from nanovlm.training.plots import plot_training_curves
 from nanovlm.training.reports import report_synthetic_accuracy
-from nanovlm.training.trainer import NanoVLMTrainer, check_resume_checkpoint, completed_step
+from nanovlm.training.trainer import NanoVLMTrainer
 
 logger = logging.getLogger("nanovlm")
 

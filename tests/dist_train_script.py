@@ -4,6 +4,8 @@ argv: output_dir steps per_device_batch n_rows [eval_rows [text_only_rank [lr_vi
 text_only_rank: the rank whose rows have no images (-1: none); lr_vision_backbone 0 freezes the vision tower.
 Rank 0 writes {output_dir}/losses.json (the micro-step losses as Trainer logs them) and each rank writes
 {output_dir}/rank{r}.json with what it saw.
+Environment: SAVE_STEPS=N saves a checkpoint every N steps; SLOW_RNG_SAVE_RANK=r makes rank r's RNG save start
+2 s late (a slow process or filesystem), to show when the others write the checkpoint's completion mark.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -43,8 +46,17 @@ def main() -> None:
     args = training_args(
         out, max_steps=steps, per_device_train_batch_size=batch, per_device_eval_batch_size=1,
         ddp_backend="gloo", eval_strategy="steps" if n_eval else "no", eval_steps=2, **lrs,
+        **({"save_strategy": "steps", "save_steps": int(os.environ["SAVE_STEPS"])} if "SAVE_STEPS" in os.environ else {}),
     )
     trainer = make_trainer(model, processor, args, train, eval_dataset=evaluation)
+    if os.environ.get("SLOW_RNG_SAVE_RANK") == str(rank):
+        save_rng = trainer._save_rng_state
+
+        def slow_rng_save(output_dir):
+            time.sleep(2)
+            save_rng(output_dir)
+
+        trainer._save_rng_state = slow_rng_save
     seen = []
     original = trainer.training_step
 

@@ -27,10 +27,11 @@ from training_helpers import (
 SCRIPT = Path(__file__).parent / "dist_train_script.py"
 
 
-def torchrun(out: Path, *args: float, timeout: int = 240) -> None:
-    """Run the script on 2 processes; a hang (a collective one rank never joins) fails after `timeout` s, and the
-    whole process group (torchrun and its workers) is killed, not only torchrun."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+def torchrun(out: Path, *args: float, timeout: int = 240, **env_vars: str) -> None:
+    """Run the script on 2 processes (`env_vars` added to their environment); a hang (a collective one rank never
+    joins) fails after `timeout` s, and the whole process group (torchrun and its workers) is killed, not only
+    torchrun."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]), **env_vars}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(SCRIPT), str(out), *map(str, args)]
     run_group(cmd, env, timeout)
@@ -99,6 +100,17 @@ def test_ranks_with_unequal_data_end_together(tmp_path):
     assert [i["global_step"] for i in info] == [4, 4]
     losses = json.loads((tmp_path / "losses.json").read_text())
     assert len(losses["loss"]) == 4 and len(losses["eval_loss"]) == 2
+
+
+def test_a_checkpoint_is_marked_complete_only_after_every_process_wrote_its_files(tmp_path):
+    """trainer_state.json (written by rank 0) marks a checkpoint complete: with rank 1's RNG save 2 s late, it must
+    still come after rank 1's rng_state_1.pth (it came 2 s before: a kill in between left a "complete" checkpoint
+    whose resume silently went on with fresh RNG on rank 1)."""
+    torchrun(tmp_path, 2, 1, 24, SAVE_STEPS="2", SLOW_RNG_SAVE_RANK="1")
+    checkpoint = tmp_path / "checkpoint-2"
+    rng = [checkpoint / f"rng_state_{rank}.pth" for rank in range(2)]
+    mark = checkpoint / "trainer_state.json"
+    assert [path.stat().st_mtime_ns <= mark.stat().st_mtime_ns for path in rng] == [True, True]
 
 
 def test_torchrun_without_gpu_trains_as_ddp_through_the_entry_point(tmp_path):

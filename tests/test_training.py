@@ -16,9 +16,9 @@ from training_helpers import make_trainer, packed_dataset, synthetic_rows, tiny_
 from transformers import TrainerCallback
 from transformers.integrations.integration_utils import rewrite_logs
 
+from nanovlm.training.checkpoints import last_complete_checkpoint
 from nanovlm.training.errors import NonFiniteLossError
 from nanovlm.training.optim import part_of
-from nanovlm.training.trainer import last_complete_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@
   `checks` (the checks they share), `parser`: the three argument dataclasses and the YAML + CLI parser that fills
   them (exported here);
 - `build`: tokenizer, processor, model and packed datasets from the arguments (what `train_accelerate.py` wires);
+- `checkpoints` (which checkpoint folders are complete, which one a resume starts from);
 - `trainer`: `NanoVLMTrainer`, with `optim` (per-module parameter groups, freezing, the non-finite-loss guard) and
   `flops` (the MFU estimate);
 - `model_card` (the README.md card and `training_info.json` the trainer writes with every save),
