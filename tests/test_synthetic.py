@@ -548,6 +548,37 @@ def test_cli_refuses_to_overwrite_data_built_with_other_settings(tmp_path, capsy
         cli.main(["--output_dir", str(other), "--num_train", "4"])
     assert "exists and is not a synthetic dataset" in capsys.readouterr().err
     assert (other / "keep.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+    with pytest.raises(SystemExit):  # --overwrite replaces a synthetic dataset only
+        cli.main(["--output_dir", str(other), "--num_train", "4", "--overwrite"])
+    assert capsys.readouterr().err.strip().endswith(
+        f"error: --output_dir {other} exists and is not a synthetic dataset (no {syn.SETTINGS_FILE}); choose another "
+        "--output_dir"
+    )
+    assert (other / "keep.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+
+
+def test_cli_overwrite_killed_half_way_leaves_the_old_dataset_whole(tmp_path, monkeypatch) -> None:
+    """--overwrite builds aside and renames in: a rebuild killed half-way used to leave half the new splits under the
+    old settings record, which the trainer then read as the old dataset."""
+    out = tmp_path / "data"
+    small = ["--num_validation", "0", "--num_test", "2", "--num_train_simple", "0", "--no_parquet"]
+    cli.main(["--output_dir", str(out), "--num_train", "4", *small])
+    before = _files(out)
+    real_build = cli.build_synthetic_dataset
+
+    def killed(folder, settings, **kwargs):
+        real_build(folder, settings, **kwargs)  # the new dataset is written whole, then the process is killed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_synthetic_dataset", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--output_dir", str(out), "--num_train", "6", *small, "--overwrite"])
+    assert _files(out) == before and len(datasets.load_from_disk(str(out))["train"]) == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no partial folder left beside it
+    monkeypatch.setattr(cli, "build_synthetic_dataset", real_build)
+    cli.main(["--output_dir", str(out), "--num_train", "6", *small, "--overwrite"])
+    assert json.loads((out / syn.SETTINGS_FILE).read_text())["train"] == 6
+    assert len(datasets.load_from_disk(str(out))["train"]) == 6 and [p.name for p in tmp_path.iterdir()] == ["data"]
 
 
 def test_demo_pixel_statistics_match_the_synthetic_images() -> None:

@@ -11,8 +11,6 @@ import glob
 import logging
 import os
 import re
-import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,7 +40,7 @@ def prepare_synthetic_dataset(data_args, training_args) -> None:
     """With `--synthetic_dataset true`, build the synthetic dataset at `dataset_name_or_path` if it is not there yet
     (main process first). An existing one built with other `--synthetic_*` settings or `--seed` is an error, not
     silently reused; a folder without the settings record (not built by us) is used as given."""
-    from ..data.synthetic import build_synthetic_dataset, recorded_settings
+    from ..data.synthetic import build_synthetic_dataset, build_then_rename, recorded_settings
 
     if not data_args.synthetic_dataset:
         return
@@ -53,7 +51,7 @@ def prepare_synthetic_dataset(data_args, training_args) -> None:
     with training_args.main_process_first(desc="building the synthetic dataset"):
         if not path.exists():
             logger.info("Building the synthetic dataset in %s", path)
-            _build_then_rename(path, lambda tmp: build_synthetic_dataset(tmp, settings))
+            build_then_rename(path, lambda tmp: build_synthetic_dataset(tmp, settings))
         built = recorded_settings(path)
         differences = [] if built is None else settings.differences(built, SYNTHETIC_FLAGS)
         if differences:
@@ -61,25 +59,6 @@ def prepare_synthetic_dataset(data_args, training_args) -> None:
                 f"The synthetic dataset in {path} was built with other settings ({'; '.join(differences)}). Delete "
                 "the folder to rebuild it, or point --dataset_name_or_path at a new folder."
             )
-
-
-def _build_then_rename(path: Path, build) -> None:
-    """`build(tmp)` into a private sibling folder, then rename it to `path`. A rename is atomic on one filesystem, so
-    no reader ever sees a partial dataset: not after a kill mid-build (a partial folder has no settings record and
-    would be taken as given), nor when the first process of each node builds it at once on a filesystem the nodes
-    share (main_process_first orders processes within a node only); the later copy is then discarded."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.partial-{socket.gethostname()}-{os.getpid()}"
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not path.is_dir():
-                raise
-            logger.info("Another process built %s first: using its copy", path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "name" or "org/name", as the Hub spells dataset ids

@@ -14,7 +14,7 @@ from typing import Any
 import datasets
 
 from ...evaluation.scoring import blind_guess_report, format_blind_guess_table
-from .dataset import SETTINGS_FILE, build_synthetic_dataset, recorded_settings
+from .dataset import SETTINGS_FILE, build_synthetic_dataset, build_then_rename, recorded_settings
 from .questions import QUESTION_TYPES
 from .settings import SIMPLE_SPLIT, SyntheticSettings
 
@@ -72,22 +72,26 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="rebuild into --output_dir even when it holds data built with other settings (otherwise refused)",
+        help="replace the synthetic dataset in --output_dir even when it was built with other settings (otherwise "
+        "refused); a folder of other files is never replaced",
     )
     return parser
 
 
 def _existing_dataset(out: Path, settings: SyntheticSettings, overwrite: bool) -> bool:
     """True when `out` already holds the dataset `settings` describe (reuse it); False when there is nothing
-    there or `overwrite` is set (build); raises ValueError when it holds other data."""
-    if overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    there, or a synthetic dataset and `overwrite` is set (build); raises ValueError when it holds other data (a
+    folder of other files even with `overwrite`)."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
     built = recorded_settings(out)
-    if built is None:
+    if built is None:  # --overwrite replaces a synthetic dataset only, never a folder of other files
         raise ValueError(
             f"--output_dir {out} exists and is not a synthetic dataset (no {SETTINGS_FILE}); choose another "
-            "--output_dir, or pass --overwrite to build into it"
+            "--output_dir"
         )
+    if overwrite:
+        return False
     differences = settings.differences(built)
     if differences:
         raise ValueError(
@@ -108,7 +112,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             print(f"{args.output_dir} already holds this dataset (built with the same settings): reusing it.")
             dataset = datasets.load_from_disk(args.output_dir)
         else:
-            dataset = build_synthetic_dataset(args.output_dir, settings, write_parquet=not args.no_parquet)
+            # built aside and renamed in: a build killed half-way never leaves a partial dataset, nor (--overwrite)
+            # half a new dataset under the old one's settings record, read later as the old one
+            dataset = build_then_rename(
+                args.output_dir, lambda tmp: build_synthetic_dataset(tmp, settings, write_parquet=not args.no_parquet),
+                replace=args.overwrite,
+            )
     except ValueError as error:
         parser.error(str(error))
     split = next(s for s in ("test", "validation", "train", SIMPLE_SPLIT) if s in dataset)

@@ -1,7 +1,8 @@
 """Split building and I/O for the synthetic dataset: `generate_split` (one in-memory `datasets.Dataset`),
 `build_synthetic_dataset` (train/validation/test, optionally a `train_simple` curriculum split, written as
 save_to_disk + parquet + the settings record `synthetic_config.json`), and reading that record back to tell whether
-a folder was built with other settings.
+a folder was built with other settings. `build_then_rename` puts a finished build in place in one rename, so no
+reader ever sees half a dataset.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
+import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from PIL import Image
 
@@ -27,6 +30,7 @@ if TYPE_CHECKING:  # imported lazily at run time: rendering samples needs only P
 logger = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
+T = TypeVar("T")
 
 
 def synthetic_features() -> datasets.Features:
@@ -145,10 +149,45 @@ def _write_dataset(dataset: datasets.DatasetDict, out: Path, write_parquet: bool
     logger.info("wrote %s (save_to_disk%s)", out, " + parquet/" if write_parquet else "")
 
 
+def build_then_rename(path: str | Path, build: Callable[[Path], T], *, replace: bool = False) -> T:
+    """`build(tmp)` into a private sibling folder of `path`, then rename it to `path`, and return what `build` returned.
+
+    A rename is atomic on one filesystem, so no reader ever sees a partial dataset: not after a kill mid-build (a
+    partial folder has no settings record and would be taken as given), nor when the first process of each node
+    builds it at once on a filesystem the nodes share (main_process_first orders processes within a node only): the
+    later copy is then discarded. With `replace`, an existing dataset at `path` (one with a settings record: the
+    caller checked) is moved aside, the new one renamed in and the old one deleted: a rebuild killed half-way leaves
+    the old dataset whole, not half-overwritten under its old settings record.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{socket.gethostname()}-{os.getpid()}"
+    tmp, old = path.parent / f".{path.name}.partial-{tag}", path.parent / f".{path.name}.old-{tag}"
+    try:
+        result = build(tmp)
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()  # an empty folder (made by the user beforehand) is replaced, not refused
+        elif replace and path.exists():
+            if recorded_settings(path) is None:
+                raise ValueError(f"{path} is not a synthetic dataset (no {SETTINGS_FILE}): it is not replaced")
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+            logger.info("Another process built %s first: using its copy", path)
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 __all__ = [
     "SETTINGS_FILE",
     "SPLITS",
     "build_synthetic_dataset",
+    "build_then_rename",
     "generate_split",
     "recorded_settings",
     "synthetic_features",
