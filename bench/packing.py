@@ -149,12 +149,16 @@ def run_dataset(lengths: list[int], images: list[int], args: argparse.Namespace)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=100_000, help="samples to pack")
-    parser.add_argument("--seq-length", type=int, default=4096, help="tokens per pack")
-    parser.add_argument("--max-images", type=int, default=18, help="images per pack")
-    parser.add_argument("--buffer-size", type=int, default=1024, help="samples packed together per round")
-    parser.add_argument("--batch-size", type=int, default=2, help="packs per batch (rows padded to the longest)")
-    parser.add_argument("--dataset-samples", type=int, default=20_000, help="samples for the PackedDataset timing")
-    parser.add_argument("--max-grid", type=int, default=4, help="tile grid rows/cols cap (1: single-tile images)")
+    parser.add_argument("--seq_length", "--seq-length", type=int, default=4096, help="tokens per pack")
+    parser.add_argument("--max_images", "--max-images", type=int, default=18, help="images per pack")
+    parser.add_argument("--buffer_size", "--buffer-size", type=int, default=1024,
+        help="samples packed together per round")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=2,
+        help="packs per batch (rows padded to the longest)")
+    parser.add_argument("--dataset_samples", "--dataset-samples", type=int, default=20_000,
+        help="samples for the PackedDataset timing")
+    parser.add_argument("--max_grid", "--max-grid", type=int, default=4,
+        help="tile grid rows/cols cap (1: single-tile images)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/packing.json"), help="JSON results path")
     args = parser.parse_args()
