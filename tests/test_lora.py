@@ -286,14 +286,32 @@ def test_merge_refuses_to_overwrite_and_loads_in_a_fresh_process(lora_run, tmp_p
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), ref, atol=1e-5, rtol=0)
 
 
-def test_lora_setting_errors_are_one_line_at_the_entry_point(tmp_path):
-    """Before, an unknown --lora_target_modules name ended in apply_lora's ValueError traceback."""
-    _, _, base = base_model(tmp_path)
-    run = run_train_entry("lora", ["--model_name_or_path", base, "--output_dir", tmp_path / "out",
-                                   "--dataset_name_or_path", tmp_path / "data", "--max_steps", 1, *ENTRY_SHORT,
-                                   "--lora_target_modules", "q_proj", "qkv_proj"], threads=1)
-    assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1] == (
-        "train_accelerate.py: error: --lora_target_modules must name linear layers of the language model: "
-        "['qkv_proj'] not found; choose from ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', "
-        "'v_proj'].")
+def test_lora_settings_at_the_entry_point(tmp_path):
+    """Before, an unknown --lora_target_modules name ended in apply_lora's ValueError traceback, and --max_image_size
+    with --model_name_or_path was silently ignored. Now the first is one line; the second replaces the checkpoint
+    processor's value (as AutoProcessor.from_pretrained(path, max_image_size=N) would), saved with the adapter and
+    recorded in the run settings, or is one line naming both flags when the checkpoint's tiles cannot make it."""
+    _, _, base = base_model(tmp_path)  # 32 px tiles, up to 2 per side, max_image_size 64
+
+    def entry(*args):
+        return run_train_entry("lora", ["--model_name_or_path", base, "--output_dir", tmp_path / "out",
+                                        "--dataset_name_or_path", tmp_path / "data", "--max_steps", 1, "--save_steps",
+                                        1, *ENTRY_SHORT, *args], threads=1)
+
+    for args, message in (
+        (["--lora_target_modules", "q_proj", "qkv_proj"],
+         "--lora_target_modules must name linear layers of the language model: ['qkv_proj'] not found; choose from "
+         "['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']."),
+        (["--max_image_size", "96"],
+         f"--max_image_size 96 with --model_name_or_path {base} (its 32 px tiles, up to 2 per side): 3 tiles per "
+         "side, over the checkpoint's max_grid; use at most 64"),
+    ):
+        run = entry(*args)
+        assert run.returncode == 1 and "Traceback" not in run.stderr
+        assert run.stderr.strip().splitlines()[-1] == f"train_accelerate.py: error: {message}"
+    run = entry("--max_image_size", "32")
+    assert run.returncode == 0, run.stderr[-3000:]
+    for folder in ("checkpoint-1", "final"):
+        assert AutoProcessor.from_pretrained(tmp_path / "out" / folder).image_processor.max_image_size == 32
+    settings = json.loads((tmp_path / "out" / "checkpoint-1" / "run_settings.json").read_text())["data"]
+    assert (settings["max_image_size"], settings["tile_size"], settings["max_grid"]) == (32, 32, 2)
