@@ -44,6 +44,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..data.collator import BOOKKEEPING_KEY
 from ..data.packing import PackedDataset, combine_pack_states
 from ..data.samples import IGNORE_INDEX
+from .checkpoints import (  # noqa: F401  (re-exported: train_accelerate.py and older imports use trainer's names)
+    TRAINER_STATE_NAME,
+    check_resume_checkpoint,
+    completed_step,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+)
 from .errors import UsageError
 from .flops import estimate_flops, peak_flops
 from .model_card import save_training_info, write_model_card
@@ -54,67 +61,6 @@ logger = logging.getLogger(__name__)
 DATA_STATE_NAME = "data_state.json"
 RUN_SETTINGS_NAME = "run_settings.json"  # the data/packing flags and the model config a checkpoint was saved with
 RESULTS_NAME = "results.json"  # the run's end results (set_results), written into output_dir for the user
-TRAINER_STATE_NAME = "trainer_state.json"
-
-
-def is_complete_checkpoint(path: str) -> bool:
-    """A checkpoint is complete when its trainer_state.json (written last by Trainer) parses."""
-    try:
-        with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
-            json.load(f)
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The highest-step complete `checkpoint-N` folder in `output_dir` (incomplete ones are skipped and logged)."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = []
-    for name in os.listdir(output_dir):
-        prefix, _, step = name.partition("-")
-        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
-            steps.append(int(step))
-    for step in sorted(steps, reverse=True):
-        path = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-        if is_complete_checkpoint(path):
-            return path
-        logger.warning("Skipping incomplete checkpoint %s (no readable %s).", path, TRAINER_STATE_NAME)
-    return None
-
-
-def check_resume_checkpoint(resume_from_checkpoint: str | bool | None) -> None:
-    """Raise a one-line `UsageError` when `--resume_from_checkpoint` names a folder (not `true`) that is missing or not
-    a complete checkpoint; called at start, before any data or model is built."""
-    if not resume_from_checkpoint or str(resume_from_checkpoint).lower() in ("true", "false"):
-        return
-    path = str(resume_from_checkpoint)
-    if not os.path.isdir(path):
-        what = "no such folder" if not os.path.exists(path) else "not a folder"
-    elif is_complete_checkpoint(path):
-        return
-    else:
-        what = f"not a complete checkpoint (no readable {TRAINER_STATE_NAME})"
-    raise UsageError(
-        f"--resume_from_checkpoint {path}: {what}; pass a checkpoint-N folder this trainer saved, or true for the "
-        "last complete one in --output_dir (--model_name_or_path DIR fine-tunes a saved model instead)"
-    )
-
-
-def completed_step(output_dir: str, resume_from_checkpoint: str | bool | None, max_steps: int) -> int | None:
-    """The step of the checkpoint a resume would start from when it already reached `max_steps` (the run is complete:
-    resuming would train an extra step and overwrite its outputs), else None. Only a positive `max_steps` is
-    checked; an epoch-based run resumes as Trainer decides."""
-    if str(resume_from_checkpoint).lower() == "true":
-        resume_from_checkpoint = last_complete_checkpoint(output_dir)
-    if not resume_from_checkpoint or max_steps <= 0 or not is_complete_checkpoint(resume_from_checkpoint):
-        return None
-    with open(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)) as f:
-        step = json.load(f).get("global_step", 0)
-    return step if step >= max_steps else None
-
-
 class NanoVLMTrainer(Trainer):
     """Trainer for NanoVLM; `args` is a `NanoVLMTrainingArguments`."""
 
@@ -560,7 +506,28 @@ class NanoVLMTrainer(Trainer):
             self.skip_counts = sum((Counter(c) for c in self._skip_by_worker.values()), Counter())
         # The dataset continues where it was: Trainer must not also skip the batches it already consumed.
         self.args.ignore_data_skip = True
+        self._rng_after_first_batch = True
         logger.info("Restored the data position from %s.", path)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """With the data position restored, Trainer (skipping no batches) restores the RNG before the first batch;
+        fetching it starts the DataLoader, which draws its base seed from the torch RNG. The uninterrupted run drew
+        that seed at its start, so the draw shifted every later random number: LoRA dropout masks differed and a
+        resumed lora.yaml run's losses were off by up to 2e-3 from step 3. The RNG is restored after the first batch
+        instead (`get_batch_samples`), where Trainer itself restores it when it skips batches."""
+        if getattr(self, "_rng_after_first_batch", False):
+            self._rng_checkpoint = checkpoint
+            return
+        super()._load_rng_state(checkpoint)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer's, then the RNG state deferred by `_load_rng_state`."""
+        batches = super().get_batch_samples(epoch_iterator, num_batches, device)
+        checkpoint, self._rng_checkpoint = getattr(self, "_rng_checkpoint", None), None
+        if checkpoint is not None:
+            self._rng_after_first_batch = False
+            super()._load_rng_state(checkpoint)
+        return batches
 
 
 # Model-config keys that do not change the weights' shapes or meaning (how to run it, where it came from).
