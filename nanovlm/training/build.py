@@ -247,6 +247,9 @@ def apply_checkpoint_image_settings(path: str, processor: NanoVLMProcessor, mode
     with rather than the flags' defaults."""
     image_processor = processor.image_processor
     tile, grid, size = image_processor.tile_size, image_processor.max_grid, model_args.max_image_size
+    if model_args.tile_size not in (None, tile):  # the tower's input size: no processor setting can change it
+        raise UsageError(f"--tile_size {model_args.tile_size} with --model_name_or_path {path}: its vision tower takes "
+                         f"{tile} px tiles; drop --tile_size")
     if size is not None and size != image_processor.max_image_size:
         where = f"with --model_name_or_path {path} (its {tile} px tiles, up to {grid} per side)"
         if size < tile or size % tile:
