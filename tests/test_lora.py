@@ -266,6 +266,9 @@ def test_merge_refuses_to_overwrite_and_loads_in_a_fresh_process(lora_run, tmp_p
     for folder, what in ((final, "adapter"), (lora_run["base"], "base model")):
         with pytest.raises(ValueError, match=f"output_dir {folder} is the {what} folder"):
             merge_lora_checkpoint(final, folder, overwrite=True)
+    with pytest.raises(FileNotFoundError, match="the base model outputs/no/base is no folder here .*; pass "
+                                                "base_model_name_or_path=PATH"):
+        merge_lora_checkpoint(final, tmp_path / "other", base_model_name_or_path="outputs/no/base")
     merge_lora_checkpoint(final, tmp_path / "merged", overwrite=True)
     assert not stale.exists() and (tmp_path / "merged" / "model.safetensors").is_file()
 
@@ -287,14 +290,16 @@ def test_merge_refuses_to_overwrite_and_loads_in_a_fresh_process(lora_run, tmp_p
 
 
 def test_lora_settings_at_the_entry_point(tmp_path):
-    """Before, an unknown --lora_target_modules name ended in apply_lora's ValueError traceback, and --max_image_size
-    with --model_name_or_path was silently ignored. Now the first is one line; the second replaces the checkpoint
+    """Before, an unknown --lora_target_modules name ended in apply_lora's ValueError traceback, --max_image_size
+    with --model_name_or_path was silently ignored, and a relative --model_name_or_path was recorded as the adapter's
+    base as it was given, so merging or evaluating the adapter from another directory failed. Now the first is one line; the second replaces the checkpoint
     processor's value (as AutoProcessor.from_pretrained(path, max_image_size=N) would), saved with the adapter and
     recorded in the run settings, or is one line naming both flags when the checkpoint's tiles cannot make it."""
     _, _, base = base_model(tmp_path)  # 32 px tiles, up to 2 per side, max_image_size 64
 
     def entry(*args):
-        return run_train_entry("lora", ["--model_name_or_path", base, "--output_dir", tmp_path / "out",
+        # relative to the entry point's working directory (the repository), as the recipe's outputs/demo/final
+        return run_train_entry("lora", ["--model_name_or_path", os.path.relpath(base, REPO), "--output_dir", tmp_path / "out",
                                         "--dataset_name_or_path", tmp_path / "data", "--max_steps", 1, "--save_steps",
                                         1, *ENTRY_SHORT, *args], threads=1)
 
@@ -315,5 +320,7 @@ def test_lora_settings_at_the_entry_point(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     for folder in ("checkpoint-1", "final"):
         assert AutoProcessor.from_pretrained(tmp_path / "out" / folder).image_processor.max_image_size == 32
+    # the base as an absolute path: a relative one could not be merged or evaluated from another directory
+    assert json.loads((tmp_path / "out" / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == base
     settings = json.loads((tmp_path / "out" / "checkpoint-1" / "run_settings.json").read_text())["data"]
     assert (settings["max_image_size"], settings["tile_size"], settings["max_grid"]) == (32, 32, 2)

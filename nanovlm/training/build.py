@@ -194,11 +194,14 @@ def build_model_and_processor(model_args, train_rows=None):
             raise UsageError(f"--model_name_or_path {path}: no such folder; pass a folder saved by this trainer "
                              "(OUTPUT_DIR/final) or a hub id (org/name)")
         with _loading(f"--model_name_or_path {path}", "pass a folder saved by this trainer (OUTPUT_DIR/final) or a hub id"):
-            model = NanoVLMForConditionalGeneration.from_pretrained(path, **kw)
-            processor = AutoProcessor.from_pretrained(path)
+            # a local folder as an absolute path: it becomes the model's name_or_path, which a LoRA adapter records
+            # as its base; a relative one failed to merge or evaluate from any other working directory
+            source = os.path.abspath(os.path.expanduser(path)) if os.path.isdir(os.path.expanduser(path)) else path
+            model = NanoVLMForConditionalGeneration.from_pretrained(source, **kw)
+            processor = AutoProcessor.from_pretrained(source)
         if not isinstance(processor, NanoVLMProcessor):
             raise UsageError(f"--model_name_or_path {path}: holds a {type(processor).__name__}, not a NanoVLMProcessor")
-        processor = apply_checkpoint_image_settings(path, processor, model_args)
+        processor = apply_checkpoint_image_settings(source, processor, model_args)
         model.config.max_grid = processor.image_processor.max_grid  # checkpoints saved before the field say 8
         record_normalization(model.config, processor)
         return model, processor

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from .checks import is_local_path
 from .errors import UsageError
 from .model_card import parameter_counts, read_training_info, save_training_info, write_model_card
 
@@ -209,6 +210,10 @@ def merge_lora_checkpoint(
             base_model_name_or_path = json.load(f).get("base_model_name_or_path")
         if not base_model_name_or_path:
             raise ValueError(f"{config_path} records no base_model_name_or_path: pass base_model_name_or_path.")
+    base = os.fspath(base_model_name_or_path)
+    if is_local_path(base) and not os.path.isdir(os.path.expanduser(base)):  # else the hub's "Repo id must be ..."
+        raise FileNotFoundError(f"merge_lora_checkpoint: the base model {base} is no folder here (a relative path is "
+                                "read from the working directory); pass base_model_name_or_path=PATH")
     _check_merge_output(os.fspath(output_dir), {"adapter": adapter_path, "base model": os.fspath(base_model_name_or_path)},
                         overwrite)
     base = NanoVLMForConditionalGeneration.from_pretrained(base_model_name_or_path)
