@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
     check_fsdp_device(training_args)
     check_attention_device(model_args, training_args)
     configure_reporting(model_args, data_args, training_args)
+    if training_args.lmms_eval_tasks:  # an unknown task: one line now, not a KeyError in every evaluation's log
+        from nanovlm.training.callbacks import check_lmms_eval_tasks
+
+        check_lmms_eval_tasks(training_args)
 
     prepare_synthetic_dataset(data_args, training_args)
     train_rows, eval_rows = load_rows(data_args, training_args)

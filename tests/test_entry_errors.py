@@ -283,3 +283,17 @@ def test_balanced_batches_resume_with_another_batch_size_is_refused(tmp_path):
     unbalanced = trainer(3, False)
     unbalanced.train(resume_from_checkpoint=True)
     assert unbalanced.state.global_step == 2
+
+
+def test_unknown_lmms_eval_task_stops_at_start(tmp_path):
+    """Before, each checkpoint's background evaluation failed with lmms-eval's KeyError in its log while training
+    went on; now the run stops at start, before any data or model, naming the task and close matches."""
+    proc = run_entry(["--output_dir", str(tmp_path), "--max_steps", "1", "--lmms_eval_tasks", "nanovlm_synthetic",
+                      "nanovlm_synthetic_mcq"])
+    assert proc.returncode == 1
+    assert [line for line in error_lines(proc) if "| DEBUG" not in line] == [
+        "train_accelerate.py: error: --lmms_eval_tasks: unknown lmms-eval task 'nanovlm_synthetic_mcq' (did you mean "
+        "nanovlm_synthetic_mc, nanovlm_synthetic?); list the tasks with: python -m lmms_eval --tasks list "
+        '--include_path "$(python -m nanovlm.evaluation.tasks)"'
+    ]
+    assert not (tmp_path / "synthetic_data").exists()

@@ -378,3 +378,28 @@ def test_evaluation_run_input_errors_are_one_line(tmp_path, tiny_model, tiny_pro
         assert info.value.code == 2 and "Traceback" not in err
         (line,) = [line for line in err.splitlines() if "error:" in line]
         assert line.startswith(f"python -m nanovlm.evaluation.run: error: {message}"), line
+
+
+def test_evaluation_run_checks_tasks_and_results_folder_before_loading(tmp_path, capsys):
+    """Before, an unknown task printed lmms-eval's KeyError traceback after loading the model, and a results folder
+    that cannot be written raised after the whole evaluation; both are now one line before any model is loaded (the
+    checkpoint here is an empty folder, which would fail to load)."""
+    from nanovlm.evaluation import run
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (["--tasks", "nanovlm_synthetc,nanovlm_synthetic"],
+         "--tasks: unknown lmms-eval task 'nanovlm_synthetc' (did you mean nanovlm_synthetic, nanovlm_synthetic_mc?); "
+         'list the tasks with: python -m lmms_eval --tasks list --include_path "$(python -m nanovlm.evaluation.tasks)"'),
+        (["--tasks", "nanovlm_synthetic", "--output_dir", str(tmp_path / "a_file" / "results")],
+         f"--output_dir {tmp_path / 'a_file' / 'results'}: cannot write the results there (NotADirectoryError: Not a "
+         "directory); pass a writable --output_dir"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as info:
+            run.main(["--checkpoint", str(tmp_path / "empty"), "--device", "cpu", *argv])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "Traceback" not in err
+        (line,) = [line for line in err.splitlines() if "error:" in line]
+        assert line == f"python -m nanovlm.evaluation.run: error: {message}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,7 @@ from nanovlm.training.parser import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LORA = dict(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+LORA = dict(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.1)  # dropout: the resume must restore its RNG
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +236,91 @@ def test_lora_recipe_after_the_demo_through_the_entry_point(tmp_path):
     torch.testing.assert_close(logits(merged, processor), ref, atol=1e-5, rtol=0)
     base_only = logits(AutoModel.from_pretrained(demo / "final", trust_remote_code=True), processor)
     assert not torch.allclose(base_only, ref, atol=1e-4)  # the adapter changed the model
+
+
+FRESH_LOGITS = """
+import sys, torch
+from transformers import AutoModel, AutoProcessor
+path, inputs, out = sys.argv[1:]
+model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+AutoProcessor.from_pretrained(path, trust_remote_code=True)
+assert not [name for name in sys.modules if name.startswith("nanovlm")], "nanovlm was imported"
+with torch.no_grad():
+    torch.save(model(**torch.load(inputs)).logits, out)
+"""
+
+
+def test_merge_refuses_to_overwrite_and_loads_in_a_fresh_process(lora_run, tmp_path):
+    """Before, merging into an existing folder wrote the merged weights beside whatever was there: into a training
+    checkpoint (its optimizer and trainer state kept), or over the adapter or base folder. Now a non-empty folder
+    needs overwrite=True (stale files deleted) and an input folder is always refused. The merged folder loads with
+    trust_remote_code in a process that never imported nanovlm (cwd outside the repository) and gives the PEFT
+    model's logits."""
+    final, processor = lora_run["out"] / "final", lora_run["processor"]
+    stale = tmp_path / "merged" / "optimizer.pt"
+    stale.parent.mkdir()
+    stale.write_text("from an earlier run")
+    with pytest.raises(FileExistsError, match=f"output_dir {tmp_path / 'merged'} exists and is not empty; pass a "
+                                              "new folder, or overwrite=True to replace it"):
+        merge_lora_checkpoint(final, tmp_path / "merged")
+    for folder, what in ((final, "adapter"), (lora_run["base"], "base model")):
+        with pytest.raises(ValueError, match=f"output_dir {folder} is the {what} folder"):
+            merge_lora_checkpoint(final, folder, overwrite=True)
+    with pytest.raises(FileNotFoundError, match="the base model outputs/no/base is no folder here .*; pass "
+                                                "base_model_name_or_path=PATH"):
+        merge_lora_checkpoint(final, tmp_path / "other", base_model_name_or_path="outputs/no/base")
+    merge_lora_checkpoint(final, tmp_path / "merged", overwrite=True)
+    assert not stale.exists() and (tmp_path / "merged" / "model.safetensors").is_file()
+
+    messages = [{"role": "user", "content": [{"type": "image", "image": lora_run["rows"][0]["images"][0]},
+                                             {"type": "text", "text": "What color is the circle?"}]}]
+    inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True,
+                                           return_tensors="pt")
+    torch.save(dict(inputs), tmp_path / "inputs.pt")
+    (tmp_path / "fresh.py").write_text(FRESH_LOGITS)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    proc = subprocess.run([sys.executable, "fresh.py", str(tmp_path / "merged"), "inputs.pt", "out.pt"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lora_run["model"].eval()
+    with torch.no_grad():
+        ref = lora_run["model"](**inputs).logits
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), ref, atol=1e-5, rtol=0)
+
+
+def test_lora_settings_at_the_entry_point(tmp_path):
+    """Before, an unknown --lora_target_modules name ended in apply_lora's ValueError traceback, --max_image_size
+    with --model_name_or_path was silently ignored, and a relative --model_name_or_path was recorded as the adapter's
+    base as it was given, so merging or evaluating the adapter from another directory failed. Now the first is one line; the second replaces the checkpoint
+    processor's value (as AutoProcessor.from_pretrained(path, max_image_size=N) would), saved with the adapter and
+    recorded in the run settings, or is one line naming both flags when the checkpoint's tiles cannot make it."""
+    _, _, base = base_model(tmp_path)  # 32 px tiles, up to 2 per side, max_image_size 64
+
+    def entry(*args):
+        # relative to the entry point's working directory (the repository), as the recipe's outputs/demo/final
+        return run_train_entry("lora", ["--model_name_or_path", os.path.relpath(base, REPO), "--output_dir", tmp_path / "out",
+                                        "--dataset_name_or_path", tmp_path / "data", "--max_steps", 1, "--save_steps",
+                                        1, *ENTRY_SHORT, *args], threads=1)
+
+    for args, message in (
+        (["--lora_target_modules", "q_proj", "qkv_proj"],
+         "--lora_target_modules must name linear layers of the language model: ['qkv_proj'] not found; choose from "
+         "['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']."),
+        (["--max_image_size", "96"],
+         f"--max_image_size 96 with --model_name_or_path {base} (its 32 px tiles, up to 2 per side): 3 tiles per "
+         "side, over the checkpoint's max_grid; use at most 64"),
+        (["--tile_size", "64"], f"--tile_size 64 with --model_name_or_path {base}: its vision tower takes 32 px tiles; "
+                                "drop --tile_size"),
+    ):
+        run = entry(*args)
+        assert run.returncode == 1 and "Traceback" not in run.stderr
+        assert run.stderr.strip().splitlines()[-1] == f"train_accelerate.py: error: {message}"
+    run = entry("--max_image_size", "32")
+    assert run.returncode == 0, run.stderr[-3000:]
+    for folder in ("checkpoint-1", "final"):
+        assert AutoProcessor.from_pretrained(tmp_path / "out" / folder).image_processor.max_image_size == 32
+    # the base as an absolute path: a relative one could not be merged or evaluated from another directory
+    assert json.loads((tmp_path / "out" / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    settings = json.loads((tmp_path / "out" / "checkpoint-1" / "run_settings.json").read_text())["data"]
+    assert (settings["max_image_size"], settings["tile_size"], settings["max_grid"]) == (32, 32, 2)

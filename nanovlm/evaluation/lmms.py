@@ -500,6 +500,25 @@ def task_manager_for(tasks: Sequence[str], include_path: str | Sequence[str] | N
     return TaskManager(verbosity, include_path=include_path or None)
 
 
+def checked_task_manager(tasks: Sequence[str], include_path: str | Sequence[str] | None = None, *,
+                         flag: str = "--tasks", verbosity: str = "WARNING"):
+    """`task_manager_for(tasks, ...)`, raising a one-line ValueError naming `flag`, each unknown task (with close
+    matches) and how to list the tasks, before any model is loaded: lmms-eval itself fails with a KeyError traceback
+    per task, after the model is loaded."""
+    import difflib
+
+    manager = task_manager_for(tasks, include_path, verbosity)
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        close = {t: difflib.get_close_matches(t, manager.all_tasks, n=3) for t in unknown}
+        named = "; ".join(f"{t!r}" + (f" (did you mean {', '.join(c)}?)" if c else "") for t, c in close.items())
+        raise ValueError(
+            f"{flag}: unknown lmms-eval task{'s' if len(unknown) > 1 else ''} {named}; list the tasks with: python -m lmms_eval --tasks list "
+            '--include_path "$(python -m nanovlm.evaluation.tasks)"'
+        )
+    return manager
+
+
 def evaluate_tasks(
     model: NanoVLMLmms,
     tasks: str | Iterable[str],
@@ -509,19 +528,21 @@ def evaluate_tasks(
     gen_kwargs: str | None = None,
     verbosity: str = "WARNING",
     task_configs: Mapping[str, Mapping[str, Any]] | None = None,
+    task_manager: Any = None,
 ) -> EvaluationReport:
     """Run each task separately through `lmms_eval.evaluator.simple_evaluate`, so one failing task (a missing
     dataset, a crash) does not lose the others; failures are logged and returned, not raised.
 
     `task_configs` overrides fields of a task's YAML for this call, per task name (e.g.
     `nanovlm.evaluation.synthetic_task.data_overrides(path, split)`): lmms-eval merges a `{"task": name, ...}`
-    config into the registered one, so the task gets its data location without any environment variable."""
+    config into the registered one, so the task gets its data location without any environment variable.
+    `task_manager`: an lmms-eval TaskManager that knows the tasks (e.g. from `checked_task_manager`); None builds one."""
     from lmms_eval.evaluator import simple_evaluate
 
     names = _split_tasks(tasks)
     if not names:
         raise ValueError(f"No tasks to evaluate: got {tasks!r}; pass e.g. tasks='mmstar,mme'.")
-    manager = task_manager_for(names, include_path, verbosity)
+    manager = task_manager or task_manager_for(names, include_path, verbosity)  # one from checked_task_manager
     report = EvaluationReport()
     for name in names:
         try:
@@ -551,6 +572,7 @@ __all__ = [
     "MODEL_ID",
     "EvaluationReport",
     "NanoVLMLmms",
+    "checked_task_manager",
     "distributed_context",
     "evaluate_tasks",
     "flatten_results",

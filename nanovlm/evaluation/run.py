@@ -20,6 +20,7 @@ import argparse
 import logging
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,11 +110,40 @@ def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error(f"--checkpoint {args.checkpoint}: cannot load the model ({type(err).__name__}: {first})")
 
 
+def configure_logging(verbosity: str) -> None:
+    """INFO for this script's own log; `verbosity` for lmms-eval's loguru logger, which only lmms-eval's own CLI
+    configures (in this process it printed its task-indexing DEBUG lines whatever `--verbosity` said)."""
+    from loguru import logger as lmms_eval_logger
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    lmms_eval_logger.remove()
+    lmms_eval_logger.add(lambda message: sys.stderr.write(message), level=verbosity.upper())  # the current stderr
+
+
+def check_before_loading(parser: argparse.ArgumentParser, tasks: list[str], include_path: list[str],
+                         output_dir: Path, verbosity: str):
+    """The lmms-eval TaskManager for `tasks`; an unknown task or a results folder that cannot be written exits
+    through `parser.error` (one line, status 2) before the model is loaded, not after the evaluation ran."""
+    from .lmms import checked_task_manager
+
+    try:
+        manager = checked_task_manager(tasks, include_path, verbosity=verbosity)
+    except ValueError as err:
+        parser.error(str(err))
+    try:  # a probe file: a folder that exists may still refuse writes
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=output_dir).close()
+    except OSError as err:
+        parser.error(f"--output_dir {output_dir}: cannot write the results there ({type(err).__name__}: "
+                     f"{err.strerror or err}); pass a writable --output_dir")
+    return manager
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the evaluation; returns the exit code (0: every task ran, 1: some failed)."""
     parser = build_arg_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_logging(args.verbosity)
     tasks = [t.strip() for name in args.tasks for t in name.split(",") if t.strip()]
     if not tasks:
         parser.error(f"--tasks names no task: got {args.tasks!r}")
@@ -134,13 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     from .lmms import distributed_context, evaluate_tasks
     from .synthetic_task import DEFAULT_DATA, data_overrides
 
+    include_path = [str(TASKS_DIR), *args.include_path]
+    manager = check_before_loading(parser, tasks, include_path, output_dir, args.verbosity)
     start = time.perf_counter()
     model = load_model(parser, args)
     report = evaluate_tasks(
         model,
         tasks,
         limit=args.limit,
-        include_path=[str(TASKS_DIR), *args.include_path],
+        include_path=include_path,
+        task_manager=manager,
         gen_kwargs=args.gen_kwargs,
         verbosity=args.verbosity,
         task_configs=data_overrides(args.synthetic_data or DEFAULT_DATA, args.synthetic_split),

@@ -78,10 +78,11 @@ class ModelArguments:
         help="Side of one image tile in pixels. None uses the vision model's image size.",
         metadata={"min": 1},
     )
-    max_image_size: int = HfArg(
-        default=2048,
+    max_image_size: int | None = HfArg(
+        default=None,
         help="Longest side an image is resized to (aspect preserved, rounded to whole tiles). Must be a multiple of "
-        "the tile size.",
+        "the tile size. None: 2048, or with --model_name_or_path the checkpoint processor's, which a value replaces "
+        "(as AutoProcessor.from_pretrained(path, max_image_size=N) does).",
         metadata={"min": 1},
     )
     max_grid: int = HfArg(
@@ -144,6 +145,8 @@ class ModelArguments:
 
     def __post_init__(self) -> None:
         errors = field_errors(self)
+        if self.max_image_size is None and self.model_name_or_path is None:
+            self.max_image_size = 2048  # a checkpoint keeps its processor's (build_model_and_processor)
         for name in ("vision_model", "text_model", "model_name_or_path", "tokenizer_name_or_path"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):

@@ -173,10 +173,14 @@ def build_model_and_processor(model_args, train_rows=None):
             raise UsageError(f"--model_name_or_path {path}: no such folder; pass a folder saved by this trainer "
                              "(OUTPUT_DIR/final) or a hub id (org/name)")
         with _loading(f"--model_name_or_path {path}", "pass a folder saved by this trainer (OUTPUT_DIR/final) or a hub id"):
-            model = NanoVLMForConditionalGeneration.from_pretrained(path, **kw)
-            processor = AutoProcessor.from_pretrained(path)
+            # a local folder as an absolute path: it becomes the model's name_or_path, which a LoRA adapter records
+            # as its base; a relative one failed to merge or evaluate from any other working directory
+            source = os.path.abspath(os.path.expanduser(path)) if os.path.isdir(os.path.expanduser(path)) else path
+            model = NanoVLMForConditionalGeneration.from_pretrained(source, **kw)
+            processor = AutoProcessor.from_pretrained(source)
         if not isinstance(processor, NanoVLMProcessor):
             raise UsageError(f"--model_name_or_path {path}: holds a {type(processor).__name__}, not a NanoVLMProcessor")
+        processor = apply_checkpoint_image_settings(source, processor, model_args)
         model.config.max_grid = processor.image_processor.max_grid  # checkpoints saved before the field say 8
         record_normalization(model.config, processor)
         return model, processor
@@ -215,6 +219,33 @@ def build_model_and_processor(model_args, train_rows=None):
     processor = build_processor_for(model.config, tokenizer, model_args)
     record_normalization(model.config, processor)
     return model, processor
+
+
+def apply_checkpoint_image_settings(path: str, processor: NanoVLMProcessor, model_args) -> NanoVLMProcessor:
+    """The checkpoint's processor with `--max_image_size` applied when given, as transformers'
+    `AutoProcessor.from_pretrained(path, max_image_size=N)` overrides a saved setting (before, the flag was silently
+    ignored); one-line `UsageError` naming both flags when it does not fit the checkpoint's tile and grid. Writes the
+    processor's tiling back into `model_args`, so the run settings checked on resume record what the data is built
+    with rather than the flags' defaults."""
+    image_processor = processor.image_processor
+    tile, grid, size = image_processor.tile_size, image_processor.max_grid, model_args.max_image_size
+    if model_args.tile_size not in (None, tile):  # the tower's input size: no processor setting can change it
+        raise UsageError(f"--tile_size {model_args.tile_size} with --model_name_or_path {path}: its vision tower takes "
+                         f"{tile} px tiles; drop --tile_size")
+    if size is not None and size != image_processor.max_image_size:
+        where = f"with --model_name_or_path {path} (its {tile} px tiles, up to {grid} per side)"
+        if size < tile or size % tile:
+            raise UsageError(f"--max_image_size {size} {where}: must be a multiple of {tile}; use "
+                             f"{max(tile, size // tile * tile)}")
+        if size // tile > grid:  # the tokenizer has <row_i_col_j> tokens up to the checkpoint's grid only
+            raise UsageError(f"--max_image_size {size} {where}: {size // tile} tiles per side, over the checkpoint's "
+                             f"max_grid; use at most {grid * tile}")
+        logger.info("--max_image_size %d replaces the checkpoint processor's %d", size, image_processor.max_image_size)
+        processor = AutoProcessor.from_pretrained(path, max_image_size=size)
+        image_processor = processor.image_processor
+    model_args.tile_size, model_args.max_grid = image_processor.tile_size, image_processor.max_grid
+    model_args.max_image_size, model_args.upscale_images = image_processor.max_image_size, image_processor.upscale
+    return processor
 
 
 def record_normalization(config: NanoVLMConfig, processor: NanoVLMProcessor) -> None:

@@ -205,4 +205,22 @@ class LmmsEvalCallback(TrainerCallback):
         self._tb_writer.flush()
 
 
-__all__ = ["ARG_DEFAULTS", "EvalRecord", "LmmsEvalCallback"]
+def check_lmms_eval_tasks(args: TrainingArguments) -> None:
+    """Raise a one-line `UsageError` when `--lmms_eval_tasks` names a task lmms-eval does not know (with close
+    matches and how to list them). Called at start-up, before the data and the model: otherwise each checkpoint's
+    background evaluation would fail with lmms-eval's KeyError in its log, and training would go on evaluating
+    nothing. Not in the argument parser: indexing lmms-eval's tasks takes seconds."""
+    if not getattr(args, "lmms_eval_tasks", None):
+        return
+    from ..evaluation.lmms import checked_task_manager
+    from ..evaluation.tasks import TASKS_DIR
+    from .errors import UsageError
+
+    tasks = [t.strip() for name in args.lmms_eval_tasks for t in name.split(",") if t.strip()]
+    try:
+        checked_task_manager(tasks, [str(TASKS_DIR)], flag="--lmms_eval_tasks")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+__all__ = ["ARG_DEFAULTS", "EvalRecord", "LmmsEvalCallback", "check_lmms_eval_tasks"]

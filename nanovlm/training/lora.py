@@ -28,11 +28,14 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from torch import nn
 
+from .checks import is_local_path
+from .errors import UsageError
 from .model_card import parameter_counts, read_training_info, save_training_info, write_model_card
 
 if TYPE_CHECKING:
@@ -66,14 +69,15 @@ def lora_config_for(model: nn.Module, training_args: NanoVLMTrainingArguments) -
     """The `peft.LoraConfig` for `model` from `training_args` (`lora_r`, `lora_alpha`, `lora_dropout`,
     `lora_target_modules`, and `lr_mp` / `lr_vision_backbone` for `modules_to_save`).
 
-    Raises ValueError when the language model would not train (`lr_language_backbone` 0) or a target name is not a
+    Raises `UsageError` (a ValueError that train_accelerate.py prints as one line) when the language model would not
+    train (`lr_language_backbone` 0) or a target name is not a
     linear layer of the language model.
     """
     from peft import LoraConfig
 
     if not training_args.lr_language_backbone > 0:
         lr = training_args.lr_language_backbone
-        raise ValueError(
+        raise UsageError(
             f"--use_lora true trains LoRA adapters at --lr_language_backbone, got {lr}: set --lr_language_backbone "
             "> 0 (e.g. 1e-4), or --use_lora false to train only the projector/vision tower."
         )
@@ -81,7 +85,7 @@ def lora_config_for(model: nn.Module, training_args: NanoVLMTrainingArguments) -
     available = _decoder_linear_names(model)
     missing = [name for name in targets if name not in available]
     if missing or not targets:
-        raise ValueError(
+        raise UsageError(
             f"--lora_target_modules must name linear layers of the language model: {missing or targets} not found; "
             f"choose from {sorted(available)}."
         )
@@ -154,10 +158,26 @@ def lora_info(peft_model: PeftModel) -> dict:
     }
 
 
+def _check_merge_output(output_dir: str, inputs: dict[str, str], overwrite: bool) -> None:
+    """Refuse an `output_dir` that is one of the merge's input folders, or (without `overwrite`) any folder that is
+    not empty: `save_pretrained` writes into it silently, so a training checkpoint kept its optimizer and trainer
+    state beside the merged weights (a resume then trained the merged model as the base) and an adapter or base
+    folder was overwritten."""
+    target = os.path.realpath(output_dir)
+    for what, path in inputs.items():
+        if os.path.realpath(os.path.expanduser(path)) == target:
+            raise ValueError(f"merge_lora_checkpoint: output_dir {output_dir} is the {what} folder, which merging would "
+                             "overwrite; pass another output_dir")
+    if not overwrite and os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise FileExistsError(f"merge_lora_checkpoint: output_dir {output_dir} exists and is not empty; pass a new "
+                              "folder, or overwrite=True to replace it")
+
+
 def merge_lora_checkpoint(
     adapter_path: str | os.PathLike,
     output_dir: str | os.PathLike,
     base_model_name_or_path: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> NanoVLMForConditionalGeneration:
     """Load a base NanoVLM and a saved adapter, merge them (`merge_and_unload`) and save a full checkpoint.
 
@@ -169,6 +189,7 @@ def merge_lora_checkpoint(
         adapter_path: a folder written by `PeftModel.save_pretrained` / `NanoVLMTrainer.save_model`.
         output_dir: where to write the merged checkpoint.
         base_model_name_or_path: the base checkpoint; None uses `base_model_name_or_path` of the adapter config.
+        overwrite: replace a non-empty `output_dir` (its old files are deleted); never the adapter or base folder.
 
     Returns the merged `NanoVLMForConditionalGeneration`.
     """
@@ -189,8 +210,16 @@ def merge_lora_checkpoint(
             base_model_name_or_path = json.load(f).get("base_model_name_or_path")
         if not base_model_name_or_path:
             raise ValueError(f"{config_path} records no base_model_name_or_path: pass base_model_name_or_path.")
+    base = os.fspath(base_model_name_or_path)
+    if is_local_path(base) and not os.path.isdir(os.path.expanduser(base)):  # else the hub's "Repo id must be ..."
+        raise FileNotFoundError(f"merge_lora_checkpoint: the base model {base} is no folder here (a relative path is "
+                                "read from the working directory); pass base_model_name_or_path=PATH")
+    _check_merge_output(os.fspath(output_dir), {"adapter": adapter_path, "base model": os.fspath(base_model_name_or_path)},
+                        overwrite)
     base = NanoVLMForConditionalGeneration.from_pretrained(base_model_name_or_path)
     merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
+    if overwrite and os.path.isdir(output_dir):  # no stale files (optimizer, adapter) beside the merged weights
+        shutil.rmtree(output_dir)
     merged.save_pretrained(output_dir)
     # this run's training info and card, not the base model's (which `name_or_path` would point the card at)
     info = read_training_info(adapter_path) or {"finetuned_from": os.fspath(base_model_name_or_path)}

@@ -514,7 +514,28 @@ class NanoVLMTrainer(Trainer):
             self.skip_counts = sum((Counter(c) for c in self._skip_by_worker.values()), Counter())
         # The dataset continues where it was: Trainer must not also skip the batches it already consumed.
         self.args.ignore_data_skip = True
+        self._rng_after_first_batch = True
         logger.info("Restored the data position from %s.", path)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """With the data position restored, Trainer (skipping no batches) restores the RNG before the first batch;
+        fetching it starts the DataLoader, which draws its base seed from the torch RNG. The uninterrupted run drew
+        that seed at its start, so the draw shifted every later random number: LoRA dropout masks differed and a
+        resumed lora.yaml run's losses were off by up to 2e-3 from step 3. The RNG is restored after the first batch
+        instead (`get_batch_samples`), where Trainer itself restores it when it skips batches."""
+        if getattr(self, "_rng_after_first_batch", False):
+            self._rng_checkpoint = checkpoint
+            return
+        super()._load_rng_state(checkpoint)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer's, then the RNG state deferred by `_load_rng_state`."""
+        batches = super().get_batch_samples(epoch_iterator, num_batches, device)
+        checkpoint, self._rng_checkpoint = getattr(self, "_rng_checkpoint", None), None
+        if checkpoint is not None:
+            self._rng_after_first_batch = False
+            super()._load_rng_state(checkpoint)
+        return batches
 
 
 # Model-config keys that do not change the weights' shapes or meaning (how to run it, where it came from).
