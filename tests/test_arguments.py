@@ -320,6 +320,11 @@ def test_cli_booleans_with_true_default_and_optional(tmp_path):
     parser = NanoVLMArgumentParser()
     namespace, _ = parser.parse_known_args(["--bf16"])  # a bare optional boolean means True
     assert namespace.bf16 is True
+    # also as the last flag: its missing value was read as "none" and unset the field (None: the default, silently)
+    model_args, _, _ = parse_args(["--output_dir", str(tmp_path), "--normalize_images", "false", "--normalize_images"])
+    assert model_args.normalize_images is True
+    model_args, _, _ = parse_args(["--output_dir", str(tmp_path), "--upscale_images"])
+    assert model_args.upscale_images is True
 
 
 def test_json_dict_fields_on_the_cli(tmp_path):

@@ -302,3 +302,47 @@ def test_model_name_or_path_that_does_not_load_is_one_line(tmp_path, tiny_model,
             build_model_and_processor(ModelArguments(model_name_or_path=str(tmp_path / folder)))
         assert str(info.value).startswith(message) and str(info.value).endswith(fix if folder != "missing" else ")")
         assert "\n" not in str(info.value)
+
+
+def test_image_flags_with_a_checkpoint_apply_or_are_one_line(tmp_path, tiny_model, tiny_processor):
+    """With --model_name_or_path, --max_grid, --upscale_images and --normalize_images were silently ignored (their
+    defaults could not be told from a value given). Now each given one replaces the checkpoint processor's value as
+    AutoProcessor.from_pretrained(path, **kwargs) does, and is saved with the run; or is one line naming it when the
+    checkpoint cannot take it. Unset, every one keeps the checkpoint's."""
+    from nanovlm.training.arguments import ModelArguments
+
+    path = str(tmp_path / "base")
+    tiny_model.save_pretrained(path)
+    tiny_processor.save_pretrained(path)
+    saved = tiny_processor.image_processor  # 32 px tiles, up to 4 per side, max_image_size 128, normalized
+    assert (saved.tile_size, saved.max_grid, saved.max_image_size, saved.upscale, saved.do_normalize) == (
+        32, 4, 128, False, True)
+
+    def built(*flags: str):
+        model_args = parse_args(["--output_dir", str(tmp_path / "run"), "--model_name_or_path", path, *flags])[0]
+        processor = build_model_and_processor(model_args)[1].image_processor
+        settings = (model_args.max_grid, model_args.max_image_size, model_args.upscale_images,
+                    model_args.normalize_images)
+        assert settings == (processor.max_grid, processor.max_image_size, processor.upscale, processor.do_normalize)
+        return settings  # what the run builds its data with is what its settings (checked on resume) record
+
+    assert built() == (4, 128, False, True)
+    assert built("--upscale_images", "true") == (4, 128, True, True)
+    assert built("--max_grid", "2", "--max_image_size", "64") == (2, 64, False, True)
+    assert ModelArguments().max_grid == 8 and ModelArguments().normalize_images is True  # no checkpoint: defaults
+    where = f"with --model_name_or_path {path}"
+    for flags, message in (
+        (["--max_grid", "5"], f"--max_grid 5 {where}: its tokenizer has tile tokens for up to 4 tiles per side; use "
+                              "at most 4"),
+        (["--max_grid", "2"], f"--max_grid 2 {where}: its max_image_size 128 makes 4 tiles per side; add "
+                              "--max_image_size 64"),
+        (["--max_grid", "2", "--max_image_size", "96"], f"--max_image_size 96 {where} (its 32 px tiles): 3 tiles per "
+                                                        "side, over --max_grid 2; use at most 64"),
+        (["--max_image_size", "160"], f"--max_image_size 160 {where} (its 32 px tiles): 5 tiles per side, over the "
+                                      "checkpoint's max_grid 4; use at most 128"),
+        (["--normalize_images", "false"], f"--normalize_images false {where}: its model was trained on normalized "
+                                          "pixels; drop --normalize_images"),
+    ):
+        with pytest.raises(UsageError) as info:
+            built(*flags)
+        assert str(info.value) == message

@@ -308,8 +308,8 @@ def test_lora_settings_at_the_entry_point(tmp_path):
          "--lora_target_modules must name linear layers of the language model: ['qkv_proj'] not found; choose from "
          "['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']."),
         (["--max_image_size", "96"],
-         f"--max_image_size 96 with --model_name_or_path {base} (its 32 px tiles, up to 2 per side): 3 tiles per "
-         "side, over the checkpoint's max_grid; use at most 64"),
+         f"--max_image_size 96 with --model_name_or_path {base} (its 32 px tiles): 3 tiles per side, over the "
+         "checkpoint's max_grid 2; use at most 64"),
         (["--tile_size", "64"], f"--tile_size 64 with --model_name_or_path {base}: its vision tower takes 32 px tiles; "
                                 "drop --tile_size"),
     ):

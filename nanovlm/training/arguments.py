@@ -36,6 +36,10 @@ MIN_TOKENIZER_VOCAB_SIZE = 259  # 256 bytes + the three ChatML tokens, see `nano
 # the model
 
 
+# The image settings' values without --model_name_or_path; with it, None means the checkpoint processor's value.
+_IMAGE_DEFAULTS = {"max_image_size": 2048, "max_grid": 8, "upscale_images": False, "normalize_images": True}
+
+
 @dataclass
 class ModelArguments:
     """Which model to train and how its images are tiled.
@@ -85,20 +89,24 @@ class ModelArguments:
         "(as AutoProcessor.from_pretrained(path, max_image_size=N) does).",
         metadata={"min": 1},
     )
-    max_grid: int = HfArg(
-        default=8,
-        help="Most tiles per image side; also sets how many <row_i_col_j> tile tokens exist.",
+    max_grid: int | None = HfArg(
+        default=None,
+        help="Most tiles per image side; also sets how many <row_i_col_j> tile tokens exist. None: 8, or with "
+        "--model_name_or_path the checkpoint processor's, which a smaller value replaces (its tokenizer has tile "
+        "tokens up to its own grid only).",
         metadata={"min": 1},
     )
-    upscale_images: bool = HfArg(
-        default=False,
+    upscale_images: bool | None = HfArg(
+        default=None,
         help="Resize every image's long side to --max_image_size, as nanoVLM did (more tiles, more tokens); by "
-        "default it is only rounded up to the next whole tile.",
+        "default it is only rounded up to the next whole tile. None: false, or with --model_name_or_path the "
+        "checkpoint processor's, which a value replaces.",
     )
-    normalize_images: bool = HfArg(
-        default=True,
+    normalize_images: bool | None = HfArg(
+        default=None,
         help="Normalize pixels with SigLIP's mean/std, as the vision model was trained (the original nanoVLM fed "
-        "un-normalized pixels).",
+        "un-normalized pixels). None: true, or with --model_name_or_path the checkpoint processor's (the pixels "
+        "its model was trained on; another value is refused).",
     )
     image_mean: list[float] | None = HfArg(
         default=None,
@@ -145,8 +153,10 @@ class ModelArguments:
 
     def __post_init__(self) -> None:
         errors = field_errors(self)
-        if self.max_image_size is None and self.model_name_or_path is None:
-            self.max_image_size = 2048  # a checkpoint keeps its processor's (build_model_and_processor)
+        if self.model_name_or_path is None:  # a checkpoint keeps its processor's (apply_checkpoint_image_settings)
+            for name, default in _IMAGE_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, default)
         for name in ("vision_model", "text_model", "model_name_or_path", "tokenizer_name_or_path"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):

@@ -222,29 +222,48 @@ def build_model_and_processor(model_args, train_rows=None):
 
 
 def apply_checkpoint_image_settings(path: str, processor: NanoVLMProcessor, model_args) -> NanoVLMProcessor:
-    """The checkpoint's processor with `--max_image_size` applied when given, as transformers'
-    `AutoProcessor.from_pretrained(path, max_image_size=N)` overrides a saved setting (before, the flag was silently
-    ignored); one-line `UsageError` naming both flags when it does not fit the checkpoint's tile and grid. Writes the
-    processor's tiling back into `model_args`, so the run settings checked on resume record what the data is built
-    with rather than the flags' defaults."""
+    """The checkpoint's processor with the image flags given on the command line applied, as transformers'
+    `AutoProcessor.from_pretrained(path, max_image_size=N)` overrides a saved setting (before, the flags were
+    silently ignored): `--max_image_size`, `--upscale_images` and a `--max_grid` up to the checkpoint's. What cannot
+    change is a one-line `UsageError` naming the flag: `--tile_size` (the tower's input), a larger `--max_grid` (the
+    tokenizer's tile tokens) and `--normalize_images` (the pixels the model was trained on). Writes the processor's
+    tiling back into `model_args`, so the run settings checked on resume record what the data is built with rather
+    than the flags' defaults."""
     image_processor = processor.image_processor
-    tile, grid, size = image_processor.tile_size, image_processor.max_grid, model_args.max_image_size
+    tile, grid = image_processor.tile_size, image_processor.max_grid
+    where = f"with --model_name_or_path {path}"
     if model_args.tile_size not in (None, tile):  # the tower's input size: no processor setting can change it
-        raise UsageError(f"--tile_size {model_args.tile_size} with --model_name_or_path {path}: its vision tower takes "
-                         f"{tile} px tiles; drop --tile_size")
-    if size is not None and size != image_processor.max_image_size:
-        where = f"with --model_name_or_path {path} (its {tile} px tiles, up to {grid} per side)"
+        raise UsageError(f"--tile_size {model_args.tile_size} {where}: its vision tower takes {tile} px tiles; drop "
+                         "--tile_size")
+    if model_args.normalize_images not in (None, image_processor.do_normalize):
+        raise UsageError(f"--normalize_images {str(model_args.normalize_images).lower()} {where}: its model was "
+                         f"trained on {'normalized' if image_processor.do_normalize else 'raw'} pixels; drop "
+                         "--normalize_images")
+    if model_args.max_grid is not None and model_args.max_grid > grid:
+        raise UsageError(f"--max_grid {model_args.max_grid} {where}: its tokenizer has tile tokens for up to {grid} "
+                         f"tiles per side; use at most {grid}")
+    given = {"max_image_size": model_args.max_image_size, "max_grid": model_args.max_grid,
+             "upscale": model_args.upscale_images}
+    changes = {k: v for k, v in given.items() if v is not None and v != getattr(image_processor, k)}
+    if changes:
+        size, new_grid = changes.get("max_image_size", image_processor.max_image_size), changes.get("max_grid", grid)
         if size < tile or size % tile:
-            raise UsageError(f"--max_image_size {size} {where}: must be a multiple of {tile}; use "
+            raise UsageError(f"--max_image_size {size} {where}: must be a multiple of its {tile} px tiles; use "
                              f"{max(tile, size // tile * tile)}")
-        if size // tile > grid:  # the tokenizer has <row_i_col_j> tokens up to the checkpoint's grid only
-            raise UsageError(f"--max_image_size {size} {where}: {size // tile} tiles per side, over the checkpoint's "
-                             f"max_grid; use at most {grid * tile}")
-        logger.info("--max_image_size %d replaces the checkpoint processor's %d", size, image_processor.max_image_size)
-        processor = AutoProcessor.from_pretrained(path, max_image_size=size)
+        if size // tile > new_grid:  # the tokenizer has <row_i_col_j> tokens up to the checkpoint's grid only
+            if model_args.max_image_size is None:  # the checkpoint's size with a smaller --max_grid
+                raise UsageError(f"--max_grid {new_grid} {where}: its max_image_size {size} makes {size // tile} "
+                                 f"tiles per side; add --max_image_size {new_grid * tile}")
+            over = f"--max_grid {new_grid}" if "max_grid" in changes else f"the checkpoint's max_grid {grid}"
+            raise UsageError(f"--max_image_size {size} {where} (its {tile} px tiles): {size // tile} tiles per "
+                             f"side, over {over}; use at most {new_grid * tile}")
+        logger.info("Replacing the checkpoint processor's %s", ", ".join(
+            f"{k} {getattr(image_processor, k)} -> {v}" for k, v in changes.items()))
+        processor = AutoProcessor.from_pretrained(path, **changes)
         image_processor = processor.image_processor
     model_args.tile_size, model_args.max_grid = image_processor.tile_size, image_processor.max_grid
     model_args.max_image_size, model_args.upscale_images = image_processor.max_image_size, image_processor.upscale
+    model_args.normalize_images = image_processor.do_normalize
     return processor
 
 

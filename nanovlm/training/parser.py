@@ -82,6 +82,10 @@ class NanoVLMArgumentParser(HfArgumentParser):
             default=None,
             help="YAML file with a flat mapping of argument names to values; CLI flags override it.",
         )
+        # HfArgumentParser adds `--no_X` only to a bool defaulting to True; --normalize_images defaults to None (a
+        # checkpoint's own value) and keeps the `--no_normalize_images` it had.
+        self.add_argument("--no_normalize_images", dest="normalize_images", action="store_false", default=None,
+                          help="same as --normalize_images false")
         # HfArgumentParser makes `bool | None` fields (bf16, tf32, ...) require a value; accept a bare flag as True.
         for action in self._actions:
             if action.type is string_to_bool and action.nargs is None:
@@ -249,7 +253,8 @@ class NanoVLMArgumentParser(HfArgumentParser):
             flag, eq, inline = argv[i].partition("=")
             action = self._option_string_actions.get(flag) if flag.startswith("--") else None
             value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-            if action is not None and self._unsets_none(action.dest) and str(value).strip().lower() in NONE_WORDS:
+            takes_value = action is not None and action.nargs != 0 and value is not None  # not a bare last flag
+            if takes_value and self._unsets_none(action.dest) and value.strip().lower() in NONE_WORDS:
                 unset.add(action.dest)
                 i += 1 if eq else 2
                 continue
