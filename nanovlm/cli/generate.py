@@ -90,6 +90,11 @@ def load_images(paths: Sequence[str]) -> list[Image.Image]:
 
     images = []
     for path in paths:
+        if path.startswith(("http://", "https://")):  # else "not found": this command reads local files only
+            raise UsageError(f"--image {path} is a URL; nanovlm-generate reads local image files: download it first "
+                             "(curl -o image.png URL) and pass --image image.png")
+        if os.path.isdir(path):
+            raise UsageError(f"--image {path} is a folder; pass one image file per --image")
         if not os.path.isfile(path):
             raise UsageError(f"image file not found: {path}")
         try:
@@ -102,6 +107,17 @@ def load_images(paths: Sequence[str]) -> list[Image.Image]:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _check_training_output_dir(model: str, path: Path) -> None:
+    """A training run's --output_dir holds its checkpoints (`final/`, `checkpoint-N/`) but no config.json of its own:
+    name them instead of transformers' "Unrecognized model"."""
+    steps = sorted((int(p.name.split("-")[1]), p.name) for p in path.glob("checkpoint-*")
+                   if p.name.split("-")[1].isdigit() and (p / "config.json").is_file())
+    found = (["final"] if (path / "final" / "config.json").is_file() else []) + [name for _, name in steps[-1:]]
+    if found:
+        choices = " or ".join(f"--model {os.path.join(model, name)}" for name in found)
+        raise UsageError(f"{model} is a training output folder, not a checkpoint; pass one of its checkpoints: {choices}")
 
 
 def check_checkpoint(model: str) -> None:
@@ -130,6 +146,8 @@ def check_checkpoint(model: str) -> None:
                 f"{model} is an original nanoVLM checkpoint; convert it first: "
                 f"nanovlm-convert --input {model} --output {model.rstrip('/')}-nanovlm"
             )
+    if path.is_dir() and not raw_config.is_file():
+        _check_training_output_dir(model, path)
     try:
         config = AutoConfig.from_pretrained(model, trust_remote_code=True)
     except (OSError, ValueError) as err:
