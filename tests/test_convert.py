@@ -468,3 +468,24 @@ def test_output_inside_or_holding_the_input_is_refused(original, tmp_path, capsy
     assert capsys.readouterr().err == (f"nanovlm-convert: error: --output {tmp_path} holds the --input folder {src} "
                                        "(--overwrite would delete it); pass an --output folder outside it\n")
     assert sorted(p.name for p in src.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_batched_generation_of_a_converted_checkpoint_equals_one_by_one(converted):
+    """The converted tokenizer (like SmolLM2's) pads on the right, so a batch of prompts of different lengths was
+    continued from pad tokens: 2 of 3 greedy answers differed from the same prompts one by one (transformers only
+    warned). The processor now pads on the left; loaded from the converted folder as a user would."""
+    model = AutoModel.from_pretrained(converted["dir"], trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(converted["dir"], trust_remote_code=True)
+    assert processor.tokenizer.padding_side == "left"
+    red, wide = Image.new("RGB", (40, 30), (220, 20, 20)), Image.new("RGB", (64, 32), (20, 200, 40))
+    texts = ["<|image|>What is it?", "<|image|><|image|>Compare the two images, in detail please", "No image"]
+    images = [[red], [wide, red], []]
+    with torch.no_grad():
+        alone = []
+        for text, imgs in zip(texts, images):
+            inputs = processor(text=text, images=imgs or None, return_tensors="pt")
+            alone.append(model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:])
+        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+        batched = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    assert inputs["attention_mask"][:, 0].tolist() == [0, 1, 0]  # padded on the left
+    assert [row.tolist() for row in batched] == [row.tolist() for row in alone]
