@@ -224,3 +224,11 @@ def test_training_output_folder_names_its_checkpoints(checkpoint, tmp_path):
     _assert_one_line_error(proc.returncode, proc.stdout, proc.stderr,
                            match=f"{run_dir} is a training output folder, not a checkpoint; pass one of its "
                                  f"checkpoints: --model {run_dir / 'final'} or --model {run_dir / 'checkpoint-40'}")
+
+
+def test_lora_training_output_folder_names_its_adapter(tmp_path, capsys):
+    """A LoRA run's output folder holds adapters only: the command names final/, whose own message says how to merge."""
+    (tmp_path / "lora" / "final").mkdir(parents=True)
+    (tmp_path / "lora" / "final" / "adapter_config.json").write_text("{}")
+    result = run(capsys, "--model", tmp_path / "lora", "--prompt", PROMPT)
+    _assert_one_line_error(*result, match=f"pass one of its checkpoints: --model {tmp_path / 'lora' / 'final'}")

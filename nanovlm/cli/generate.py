@@ -112,9 +112,12 @@ def _first_line(err: BaseException) -> str:
 def _check_training_output_dir(model: str, path: Path) -> None:
     """A training run's --output_dir holds its checkpoints (`final/`, `checkpoint-N/`) but no config.json of its own:
     name them instead of transformers' "Unrecognized model"."""
+    def saved(folder: Path) -> bool:  # a full checkpoint, or a LoRA adapter (then --model says how to merge it)
+        return (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
+
     steps = sorted((int(p.name.split("-")[1]), p.name) for p in path.glob("checkpoint-*")
-                   if p.name.split("-")[1].isdigit() and (p / "config.json").is_file())
-    found = (["final"] if (path / "final" / "config.json").is_file() else []) + [name for _, name in steps[-1:]]
+                   if p.name.split("-")[1].isdigit() and saved(p))
+    found = (["final"] if saved(path / "final") else []) + [name for _, name in steps[-1:]]
     if found:
         choices = " or ".join(f"--model {os.path.join(model, name)}" for name in found)
         raise UsageError(f"{model} is a training output folder, not a checkpoint; pass one of its checkpoints: {choices}")
