@@ -232,3 +232,16 @@ def test_lora_training_output_folder_names_its_adapter(tmp_path, capsys):
     (tmp_path / "lora" / "final" / "adapter_config.json").write_text("{}")
     result = run(capsys, "--model", tmp_path / "lora", "--prompt", PROMPT)
     _assert_one_line_error(*result, match=f"pass one of its checkpoints: --model {tmp_path / 'lora' / 'final'}")
+
+
+def test_tilde_paths_after_equals_signs(checkpoint, tmp_path, monkeypatch, capsys):
+    """The shell does not expand `~` in `--model=~/x`: the folder check passed (it expanded) but transformers got
+    the raw string and failed with "Repo id must be in the form ...", and `--image=~/x.png` was "not found"."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(checkpoint["dir"], tmp_path / "ckpt")
+    shutil.copy(checkpoint["images"][0], tmp_path / "wide.png")
+    code, out, err = run(capsys, "--model=~/ckpt", "--image=~/wide.png", "--prompt", PROMPT, "--max_new_tokens", "8")
+    assert code == 0, err
+    assert out == reference_answer(checkpoint, checkpoint["images"][:1], max_new_tokens=8) + "\n"

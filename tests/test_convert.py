@@ -489,3 +489,16 @@ def test_batched_generation_of_a_converted_checkpoint_equals_one_by_one(converte
         batched = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
     assert inputs["attention_mask"][:, 0].tolist() == [0, 1, 0]  # padded on the left
     assert [row.tolist() for row in batched] == [row.tolist() for row in alone]
+
+
+def test_tilde_paths_after_equals_signs(original, tmp_path, monkeypatch, capsys):
+    """`--input=~/x` (the shell leaves that `~` alone) was "no such folder", and `--output=~/y` wrote a folder
+    literally named `~` in the working directory."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(original["dir"], tmp_path / "home" / "orig")
+    assert main(["--input=~/orig", "--output=~/converted"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "home" / "converted" / "model.safetensors").is_file()
+    assert not (tmp_path / "~").exists()

@@ -436,9 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert an original huggingface/nanoVLM checkpoint (config.json + model.safetensors) into a "
         "nanovlm checkpoint that loads with AutoModel/AutoProcessor(trust_remote_code=True).",
     )
-    parser.add_argument("--input", required=True, help="original checkpoint: a local folder or a hub id")
-    parser.add_argument("--output", required=True, help="folder to write the nanovlm checkpoint to")
-    parser.add_argument("--tokenizer", default=None,
+    # `~` expanded here: the shell leaves `--input=~/x` alone (read as no such folder, or a folder named "~")
+    parser.add_argument("--input", required=True, type=os.path.expanduser,
+                        help="original checkpoint: a local folder or a hub id")
+    parser.add_argument("--output", required=True, type=os.path.expanduser,
+                        help="folder to write the nanovlm checkpoint to")
+    parser.add_argument("--tokenizer", default=None, type=os.path.expanduser,
                         help="tokenizer path or hub id (default: the config's lm_tokenizer)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights dtype of the output (default: the checkpoint's)")

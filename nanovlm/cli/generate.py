@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nanovlm-generate",
         description="Answer a prompt about images with a nanovlm checkpoint, streaming the answer to stdout.",
     )
-    parser.add_argument("--model", required=True, help="nanovlm checkpoint: a local folder or a hub id")
-    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+    # `~` expanded here: the shell leaves `--model=~/x` alone, and transformers read it as a malformed hub id
+    parser.add_argument("--model", required=True, type=os.path.expanduser,
+                        help="nanovlm checkpoint: a local folder or a hub id")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH", type=os.path.expanduser,
                         help="image file; repeat for several images (they go in this order, before the prompt)")
     parser.add_argument("--prompt", required=True, help="the user's question or instruction")
     parser.add_argument("--system", default=None, help="optional system message")
