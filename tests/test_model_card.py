@@ -188,6 +188,7 @@ def test_every_trainer_save_writes_the_card_and_training_info(tmp_path):
         "test_accuracy": {"overall": 0.5}, "blind_guess_accuracy": {"overall": 0.25}}
     card = (tmp_path / "final" / "README.md").read_text()
     assert "| overall | 0.500 | 0.250 |" in card
+    assert "## Evaluation\n\nHeld-out accuracy" in card  # no validation loss: no second blank line
     # a local folder's card says which name to load once the folder is uploaded (it used to show only the local path)
     final = str(tmp_path / "final")
     assert f'# "{final}" is a local folder: after `hf upload you/name {final}`, pass "you/name"\nmodel = ' \

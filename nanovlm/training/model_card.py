@@ -217,7 +217,8 @@ def _evaluation_section(info: dict[str, Any]) -> str | None:
     accuracy = evaluation.get("test_accuracy") or {}
     if accuracy:
         blind = evaluation.get("blind_guess_accuracy") or {}
-        lines += ["", "Held-out accuracy on the synthetic test set (greedy answers), beside the blind guess (the "
+        lines += [""] * (len(lines) > 2)  # a blank line after the loss list only: one follows the heading already
+        lines += ["Held-out accuracy on the synthetic test set (greedy answers), beside the blind guess (the "
                   "majority answer of each question type):", "",
                   "| question type | accuracy | blind guess |", "|---|---|---|"]
         for qtype, acc in accuracy.items():
