@@ -76,6 +76,11 @@ class NanoVLMProcessor(ProcessorMixin):
                 f"(or train_tokenizer) with max_grid >= {image_processor.max_grid}."
             )
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        # `generate` continues every row at its right end, so a batch of prompts must be padded on the left. Tokenizers
+        # default to "right" (SmolLM2's, ours, a converted checkpoint's): batched generation then continued from pad
+        # tokens and differed from one-by-one answers, with only a transformers warning. Training never pads through
+        # the tokenizer (the collator builds its rows); `processor(..., padding_side="right")` still overrides this.
+        tokenizer.padding_side = "left"
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
 
     @classmethod

@@ -191,3 +191,57 @@ def test_image_token_in_the_prompt_points_to_image(checkpoint, capsys):
     result = run(capsys, "--model", checkpoint["dir"], "--prompt", "What is in <|image|>?")
     _assert_one_line_error(*result, match="--prompt holds <|image|>, a token reserved for images; pass images with "
                                           "--image (they go before the prompt) and leave the token out")
+
+
+def test_image_folder_and_url_name_the_fix(checkpoint, capsys):
+    """Both used to read "image file not found", which sent users looking for a file that was there (a folder) or
+    suggested URLs might work once spelled differently."""
+    result = run(capsys, "--model", checkpoint["dir"], "--image", checkpoint["root"], "--prompt", PROMPT)
+    _assert_one_line_error(*result, match=f"--image {checkpoint['root']} is a folder; pass one image file per --image")
+    url = "https://example.com/cat.png"
+    result = run(capsys, "--model", checkpoint["dir"], "--image", url, "--prompt", PROMPT)
+    _assert_one_line_error(*result, match=f"--image {url} is a URL; nanovlm-generate reads local image files: "
+                                          "download it first (curl -o image.png URL) and pass --image image.png")
+
+
+def test_training_output_folder_names_its_checkpoints(checkpoint, tmp_path):
+    """`--model outputs/demo` (the training --output_dir, holding final/ and checkpoint-N/) used to fail with
+    transformers' "Unrecognized model ... Should have a `model_type` key"; now the command names the checkpoints to
+    pass. Run as `python -m nanovlm.cli.generate`, as a user would."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir = tmp_path / "run"
+    for name in ("final", "checkpoint-5", "checkpoint-40", "checkpoint-7"):
+        (run_dir / name).mkdir(parents=True)
+        (run_dir / name / "config.json").write_text((checkpoint["dir"] / "config.json").read_text())
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "nanovlm.cli.generate", "--model", str(run_dir), "--prompt", PROMPT],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    _assert_one_line_error(proc.returncode, proc.stdout, proc.stderr,
+                           match=f"{run_dir} is a training output folder, not a checkpoint; pass one of its "
+                                 f"checkpoints: --model {run_dir / 'final'} or --model {run_dir / 'checkpoint-40'}")
+
+
+def test_lora_training_output_folder_names_its_adapter(tmp_path, capsys):
+    """A LoRA run's output folder holds adapters only: the command names final/, whose own message says how to merge."""
+    (tmp_path / "lora" / "final").mkdir(parents=True)
+    (tmp_path / "lora" / "final" / "adapter_config.json").write_text("{}")
+    result = run(capsys, "--model", tmp_path / "lora", "--prompt", PROMPT)
+    _assert_one_line_error(*result, match=f"pass one of its checkpoints: --model {tmp_path / 'lora' / 'final'}")
+
+
+def test_tilde_paths_after_equals_signs(checkpoint, tmp_path, monkeypatch, capsys):
+    """The shell does not expand `~` in `--model=~/x`: the folder check passed (it expanded) but transformers got
+    the raw string and failed with "Repo id must be in the form ...", and `--image=~/x.png` was "not found"."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(checkpoint["dir"], tmp_path / "ckpt")
+    shutil.copy(checkpoint["images"][0], tmp_path / "wide.png")
+    code, out, err = run(capsys, "--model=~/ckpt", "--image=~/wide.png", "--prompt", PROMPT, "--max_new_tokens", "8")
+    assert code == 0, err
+    assert out == reference_answer(checkpoint, checkpoint["images"][:1], max_new_tokens=8) + "\n"

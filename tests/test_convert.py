@@ -419,3 +419,86 @@ def test_corrupt_weights_file(original, tmp_path, capsys):
     (src / "model.safetensors").write_bytes(b"\x00" * 16)
     assert main(["--input", str(src), "--output", str(tmp_path / "out")]) == 2
     assert f"{src / 'model.safetensors'} is not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_non_empty_output_is_refused_and_overwrite_replaces_it(original, tmp_path):
+    """Converting into a trained checkpoint's folder used to replace its weights and config silently and keep its
+    model card and training files, which then described another model. Now a non-empty --output is one line (the
+    folder untouched) and --overwrite replaces the whole folder; the result loads in a fresh process outside the
+    repository. Run as `python -m nanovlm.cli.convert`, as a user would."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "trained"
+    out.mkdir()
+    (out / "README.md").write_text("a trained model's card")
+    (out / "config.json").write_text("{}")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "nanovlm.cli.convert", "--input", str(original["dir"]), "--output", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines()[-1] == (f"nanovlm-convert: error: --output {out} exists and is not empty; pass a "
+                                            "new folder, or --overwrite to replace its contents")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json"]
+    assert (out / "config.json").read_text() == "{}"
+
+    proc = subprocess.run([*cmd, "--overwrite", "--dtype", "bfloat16"], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (out / "README.md").exists()
+    env.pop("PYTHONPATH")
+    check = ("import sys; sys.modules['nanovlm'] = None; from transformers import AutoModel; "
+             f"m = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True); print(type(m).__name__, m.dtype)")
+    proc = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["NanoVLMForConditionalGeneration", "torch.bfloat16"]
+
+
+def test_output_inside_or_holding_the_input_is_refused(original, tmp_path, capsys):
+    """An --output inside the original folder mixed the two checkpoints; one holding it was deleted by --overwrite."""
+    src = write_original(tmp_path / "src", original["cfg"], original["sd"])
+    assert main(["--input", str(src), "--output", str(src / "converted")]) == 2
+    assert capsys.readouterr().err == (f"nanovlm-convert: error: --output {src / 'converted'} lies inside the --input "
+                                       f"folder {src}; pass an --output folder outside the original checkpoint\n")
+    assert main(["--input", str(src), "--output", str(tmp_path), "--overwrite"]) == 2
+    assert capsys.readouterr().err == (f"nanovlm-convert: error: --output {tmp_path} holds the --input folder {src} "
+                                       "(--overwrite would delete it); pass an --output folder outside it\n")
+    assert sorted(p.name for p in src.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_batched_generation_of_a_converted_checkpoint_equals_one_by_one(converted):
+    """The converted tokenizer (like SmolLM2's) pads on the right, so a batch of prompts of different lengths was
+    continued from pad tokens: 2 of 3 greedy answers differed from the same prompts one by one (transformers only
+    warned). The processor now pads on the left; loaded from the converted folder as a user would."""
+    model = AutoModel.from_pretrained(converted["dir"], trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(converted["dir"], trust_remote_code=True)
+    assert processor.tokenizer.padding_side == "left"
+    red, wide = Image.new("RGB", (40, 30), (220, 20, 20)), Image.new("RGB", (64, 32), (20, 200, 40))
+    texts = ["<|image|>What is it?", "<|image|><|image|>Compare the two images, in detail please", "No image"]
+    images = [[red], [wide, red], []]
+    with torch.no_grad():
+        alone = []
+        for text, imgs in zip(texts, images):
+            inputs = processor(text=text, images=imgs or None, return_tensors="pt")
+            alone.append(model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:])
+        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+        batched = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    assert inputs["attention_mask"][:, 0].tolist() == [0, 1, 0]  # padded on the left
+    assert [row.tolist() for row in batched] == [row.tolist() for row in alone]
+
+
+def test_tilde_paths_after_equals_signs(original, tmp_path, monkeypatch, capsys):
+    """`--input=~/x` (the shell leaves that `~` alone) was "no such folder", and `--output=~/y` wrote a folder
+    literally named `~` in the working directory."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(original["dir"], tmp_path / "home" / "orig")
+    assert main(["--input=~/orig", "--output=~/converted"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "home" / "converted" / "model.safetensors").is_file()
+    assert not (tmp_path / "~").exists()

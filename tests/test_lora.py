@@ -289,6 +289,22 @@ def test_merge_refuses_to_overwrite_and_loads_in_a_fresh_process(lora_run, tmp_p
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), ref, atol=1e-5, rtol=0)
 
 
+def test_merge_never_deletes_or_writes_into_its_inputs(lora_run):
+    """`overwrite=True` into a folder that holds the adapter (the LoRA run's output_dir) deleted the whole run, and
+    the merge then failed reading the adapter's processor; a folder inside the adapter mixed the two. Both are one
+    line now, before anything is loaded or deleted."""
+    final, run_dir = lora_run["out"] / "final", lora_run["out"]
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(ValueError, match=f"output_dir {run_dir} holds the adapter folder {final}, which overwrite "
+                                         "would delete; pass an output_dir outside it"):
+        merge_lora_checkpoint(final, run_dir, overwrite=True)
+    with pytest.raises(ValueError, match=f"output_dir {final / 'merged'} lies inside the adapter folder {final}; "
+                                         "pass an output_dir outside it"):
+        merge_lora_checkpoint(final, final / "merged")
+    assert sorted(p.name for p in run_dir.iterdir()) == before and (final / "adapter_config.json").is_file()
+    assert not (final / "merged").exists()
+
+
 def test_lora_settings_at_the_entry_point(tmp_path):
     """Before, an unknown --lora_target_modules name ended in apply_lora's ValueError traceback, --max_image_size
     with --model_name_or_path was silently ignored, and a relative --model_name_or_path was recorded as the adapter's

@@ -186,7 +186,28 @@ def test_every_trainer_save_writes_the_card_and_training_info(tmp_path):
     trainer.save_model(str(tmp_path / "final"))
     assert json.loads((tmp_path / "final" / "training_info.json").read_text())["evaluation"] == {
         "test_accuracy": {"overall": 0.5}, "blind_guess_accuracy": {"overall": 0.25}}
-    assert "| overall | 0.500 | 0.250 |" in (tmp_path / "final" / "README.md").read_text()
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "| overall | 0.500 | 0.250 |" in card
+    assert "## Evaluation\n\nHeld-out accuracy" in card  # no validation loss: no second blank line
+    # a local folder's card says which name to load once the folder is uploaded (it used to show only the local path)
+    final = str(tmp_path / "final")
+    assert f'# "{final}" is a local folder: after `hf upload you/name {final}`, pass "you/name"\nmodel = ' \
+        f'AutoModel.from_pretrained("{final}", trust_remote_code=True)' in card
+    assert "Each image becomes 32 px tiles plus a global view, 4 image tokens each." in card
+
+
+def test_card_of_a_one_tile_model_describes_one_view(tiny_tokenizer):
+    """With max_grid 1 (the demo) the processor makes no tiles, only the global view: the card said "tiles plus a
+    global view"."""
+    from conftest import make_tiny_config
+
+    from nanovlm import NanoVLMForConditionalGeneration
+
+    config = make_tiny_config(tiny_tokenizer)
+    config.max_grid = 1
+    text = build_model_card(NanoVLMForConditionalGeneration(config), repo_id="me/one-tile")
+    assert "Each image becomes one 32 px view of 4 image tokens." in text and "tiles plus" not in text
+    assert "local folder" not in text
 
 
 def test_card_names_the_step_of_the_checkpoint_kept(tiny_model):

@@ -1,6 +1,7 @@
 """`nanovlm-convert`: turn an original huggingface/nanoVLM checkpoint into a nanovlm checkpoint.
 
     nanovlm-convert --input lusxvr/nanoVLM-460M-8k --output checkpoints/nanovlm-460m [--tokenizer PATH_OR_ID]
+        [--dtype float32] [--overwrite]
 
 An original checkpoint is a folder (or hub id) holding `config.json`, the flat `VLMConfig` dataclass (`vit_*`, `lm_*`,
 `mp_*` fields, `lm_tokenizer`, `vlm_extra_tokens`, `lm_chat_template`, `max_img_size`, `resize_to_max_side_len`, ...)
@@ -40,6 +41,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,7 +58,7 @@ from nanovlm.image_processing_nanovlm import NanoVLMImageProcessor
 from nanovlm.modeling_nanovlm import NanoVLMForConditionalGeneration
 from nanovlm.processing_nanovlm import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, NanoVLMProcessor, tile_token
 from nanovlm.tokenizer import extend_tokenizer
-from nanovlm.training.checks import is_local_path
+from nanovlm.training.checks import folder_overlap, is_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -358,23 +360,46 @@ def build_converted_processor(cfg: Mapping, tokenizer, config: NanoVLMConfig) ->
 # ---- the whole conversion -------------------------------------------------------------------------------------------
 
 
+def check_output_folder(output: str | os.PathLike, folder: Path, overwrite: bool) -> None:
+    """Refuse an `output` that would mix with or destroy the input `folder`, or (without `overwrite`) one that is
+    not empty: `save_pretrained` writes into any folder silently, so converting into a trained checkpoint replaced
+    its weights and config and kept its model card and training files, now describing another model."""
+    relation = folder_overlap(output, folder)
+    if relation == "same":  # save_pretrained would overwrite the original's two files
+        raise ValueError(
+            f"--output {output} is the --input folder: the converted config.json and model.safetensors would replace "
+            "the original's; pass another --output folder"
+        )
+    if relation == "inside":
+        raise ValueError(f"--output {output} lies inside the --input folder {folder}; pass an --output folder "
+                         "outside the original checkpoint")
+    if relation == "contains":
+        raise ValueError(f"--output {output} holds the --input folder {folder} (--overwrite would delete it); pass "
+                         "an --output folder outside it")
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output {output} is a file; pass a folder")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"--output {output} exists and is not empty; pass a new folder, or --overwrite to "
+                              "replace its contents")
+
+
 def convert_checkpoint(
     source: str | os.PathLike,
     output: str | os.PathLike,
     tokenizer: str | os.PathLike | None = None,
     dtype: str | None = None,
+    overwrite: bool = False,
 ) -> tuple[NanoVLMForConditionalGeneration, NanoVLMProcessor]:
     """Convert the original checkpoint `source` (folder or hub id) and save model and processor to `output`.
 
     `tokenizer` overrides the config's `lm_tokenizer` (a hub id or a local folder); `dtype` ("float32", "bfloat16",
-    "float16") defaults to the checkpoint's floating dtype. Returns the converted model (eval mode) and processor.
+    "float16") defaults to the checkpoint's floating dtype. A non-empty `output` is refused unless `overwrite`
+    (which deletes its old files); an `output` that is, lies in or holds the input folder always is. Returns the
+    converted model (eval mode) and processor.
     """
     folder = resolve_checkpoint(source)
-    if Path(output).resolve() == folder.resolve():  # save_pretrained would overwrite the original's two files
-        raise ValueError(
-            f"--output {output} is the --input folder: the converted config.json and model.safetensors would replace "
-            "the original's; pass another --output folder"
-        )
+    check_output_folder(output, folder, overwrite)
     cfg = read_original_config(folder)
     state = load_original_state_dict(folder)
     converted = convert_state_dict(state, cfg)
@@ -394,6 +419,8 @@ def convert_checkpoint(
     processor = build_converted_processor(cfg, tok, config)
 
     out = Path(output)
+    if overwrite and out.is_dir():  # no stale files (an earlier model card, training state) beside the new ones
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -409,12 +436,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert an original huggingface/nanoVLM checkpoint (config.json + model.safetensors) into a "
         "nanovlm checkpoint that loads with AutoModel/AutoProcessor(trust_remote_code=True).",
     )
-    parser.add_argument("--input", required=True, help="original checkpoint: a local folder or a hub id")
-    parser.add_argument("--output", required=True, help="folder to write the nanovlm checkpoint to")
-    parser.add_argument("--tokenizer", default=None,
+    # `~` expanded here: the shell leaves `--input=~/x` alone (read as no such folder, or a folder named "~")
+    parser.add_argument("--input", required=True, type=os.path.expanduser,
+                        help="original checkpoint: a local folder or a hub id")
+    parser.add_argument("--output", required=True, type=os.path.expanduser,
+                        help="folder to write the nanovlm checkpoint to")
+    parser.add_argument("--tokenizer", default=None, type=os.path.expanduser,
                         help="tokenizer path or hub id (default: the config's lm_tokenizer)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights dtype of the output (default: the checkpoint's)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --output folder (its old files are deleted)")
     return parser
 
 
@@ -427,7 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     try:
-        convert_checkpoint(args.input, args.output, tokenizer=args.tokenizer, dtype=args.dtype)
+        convert_checkpoint(args.input, args.output, tokenizer=args.tokenizer, dtype=args.dtype,
+                           overwrite=args.overwrite)
     except (OSError, ValueError) as err:
         print(f"nanovlm-convert: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
@@ -442,6 +475,7 @@ if __name__ == "__main__":
 __all__ = [
     "build_converted_processor",
     "build_tokenizer",
+    "check_output_folder",
     "convert_checkpoint",
     "convert_config",
     "main",

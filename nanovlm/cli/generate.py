@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nanovlm-generate",
         description="Answer a prompt about images with a nanovlm checkpoint, streaming the answer to stdout.",
     )
-    parser.add_argument("--model", required=True, help="nanovlm checkpoint: a local folder or a hub id")
-    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+    # `~` expanded here: the shell leaves `--model=~/x` alone, and transformers read it as a malformed hub id
+    parser.add_argument("--model", required=True, type=os.path.expanduser,
+                        help="nanovlm checkpoint: a local folder or a hub id")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH", type=os.path.expanduser,
                         help="image file; repeat for several images (they go in this order, before the prompt)")
     parser.add_argument("--prompt", required=True, help="the user's question or instruction")
     parser.add_argument("--system", default=None, help="optional system message")
@@ -90,6 +92,11 @@ def load_images(paths: Sequence[str]) -> list[Image.Image]:
 
     images = []
     for path in paths:
+        if path.startswith(("http://", "https://")):  # else "not found": this command reads local files only
+            raise UsageError(f"--image {path} is a URL; nanovlm-generate reads local image files: download it first "
+                             "(curl -o image.png URL) and pass --image image.png")
+        if os.path.isdir(path):
+            raise UsageError(f"--image {path} is a folder; pass one image file per --image")
         if not os.path.isfile(path):
             raise UsageError(f"image file not found: {path}")
         try:
@@ -102,6 +109,20 @@ def load_images(paths: Sequence[str]) -> list[Image.Image]:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _check_training_output_dir(model: str, path: Path) -> None:
+    """A training run's --output_dir holds its checkpoints (`final/`, `checkpoint-N/`) but no config.json of its own:
+    name them instead of transformers' "Unrecognized model"."""
+    def saved(folder: Path) -> bool:  # a full checkpoint, or a LoRA adapter (then --model says how to merge it)
+        return (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
+
+    steps = sorted((int(p.name.split("-")[1]), p.name) for p in path.glob("checkpoint-*")
+                   if p.name.split("-")[1].isdigit() and saved(p))
+    found = (["final"] if saved(path / "final") else []) + [name for _, name in steps[-1:]]
+    if found:
+        choices = " or ".join(f"--model {os.path.join(model, name)}" for name in found)
+        raise UsageError(f"{model} is a training output folder, not a checkpoint; pass one of its checkpoints: {choices}")
 
 
 def check_checkpoint(model: str) -> None:
@@ -130,6 +151,8 @@ def check_checkpoint(model: str) -> None:
                 f"{model} is an original nanoVLM checkpoint; convert it first: "
                 f"nanovlm-convert --input {model} --output {model.rstrip('/')}-nanovlm"
             )
+    if path.is_dir() and not raw_config.is_file():
+        _check_training_output_dir(model, path)
     try:
         config = AutoConfig.from_pretrained(model, trust_remote_code=True)
     except (OSError, ValueError) as err:

@@ -8,6 +8,7 @@
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,21 @@ def is_local_path(name: str) -> bool:
     path (`.`, `/`, `~`), or is not of the hub's `org/name` form. The CLIs and the trainer use it to say "no such
     folder" at once instead of trying the hub."""
     return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+
+
+def folder_overlap(folder: str | os.PathLike, other: str | os.PathLike) -> str | None:
+    """How `folder` lies relative to `other` on disk, after `~`, `..` and symlinks: "same", "inside" (within
+    `other`), "contains" (`other` is within it) or None. Writers of output folders (nanovlm-convert, the LoRA merge)
+    use it to refuse an output that would write into, or with an overwrite delete, one of their inputs."""
+    a = Path(os.path.realpath(os.path.expanduser(folder)))
+    b = Path(os.path.realpath(os.path.expanduser(other)))
+    if a == b:
+        return "same"
+    if a.is_relative_to(b):
+        return "inside"
+    if b.is_relative_to(a):
+        return "contains"
+    return None
 
 
 def is_int(value: Any) -> bool:

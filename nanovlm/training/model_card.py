@@ -133,6 +133,15 @@ def _as_list(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
+def _image_sentence(config: Any) -> str:
+    """How an image becomes tokens; with `max_grid` 1 there are no tiles, only the global view (the processor emits
+    the tile blocks only for images of more than one tile)."""
+    side, tokens = config.vision_config.image_size, config.image_seq_len
+    if getattr(config, "max_grid", None) == 1:
+        return f"Each image becomes one {side} px view of {tokens} image tokens."
+    return f"Each image becomes {side} px tiles plus a global view, {tokens} image tokens each."
+
+
 def _architecture_section(model: Any, counts: dict[str, int]) -> str:
     config = model.config
     vc, tc = config.vision_config, config.text_config
@@ -161,8 +170,8 @@ def _architecture_section(model: Any, counts: dict[str, int]) -> str:
         "## Model",
         "",
         "SigLIP vision tower -> pixel-shuffle projector -> causal language model, in transformers' standard VLM "
-        "layout (`model.vision_tower`, `model.multi_modal_projector`, `model.language_model`, `lm_head`). Each image "
-        f"becomes {vc.image_size} px tiles plus a global view, {config.image_seq_len} image tokens each.",
+        "layout (`model.vision_tower`, `model.multi_modal_projector`, `model.language_model`, `lm_head`). "
+        + _image_sentence(config),
         "",
         *rows,
     ]
@@ -208,7 +217,8 @@ def _evaluation_section(info: dict[str, Any]) -> str | None:
     accuracy = evaluation.get("test_accuracy") or {}
     if accuracy:
         blind = evaluation.get("blind_guess_accuracy") or {}
-        lines += ["", "Held-out accuracy on the synthetic test set (greedy answers), beside the blind guess (the "
+        lines += [""] * (len(lines) > 2)  # a blank line after the loss list only: one follows the heading already
+        lines += ["Held-out accuracy on the synthetic test set (greedy answers), beside the blind guess (the "
                   "majority answer of each question type):", "",
                   "| question type | accuracy | blind guess |", "|---|---|---|"]
         for qtype, acc in accuracy.items():
@@ -233,6 +243,8 @@ def _usage_section(repo: str, adapter_base: str | None) -> str:
         )
         imports = "from PIL import Image\nfrom transformers import AutoModel, AutoProcessor"
         intro = "The repository carries its own model code: any recent `transformers` loads it, nothing else needed."
+    if not is_hub_id(repo):  # the trainer names a local run's folder; once uploaded, readers need the hub id
+        load = f'# "{repo}" is a local folder: after `hf upload you/name {repo}`, pass "you/name"\n' + load
     return f"""## Usage
 
 {intro}
