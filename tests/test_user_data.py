@@ -129,3 +129,21 @@ def test_val_size_over_the_rows_is_one_line(user_data, tmp_path, streaming):
         f"train_accelerate.py: error: --val_size 300 (--dataset_name_or_path {path}): val_size=300 must be smaller "
         f"than the {what} 12 rows: lower --val_size."
     ]
+
+
+def test_rows_evaluation_skips_are_its_own_and_counted_per_evaluation(tmp_path):
+    """Without DataLoader workers the training and evaluation datasets shared one skip counter: a corrupt validation
+    image showed up in the training's data/skipped_* (and not with workers), and evaluation's skips were never
+    reported. Now training counts its own rows and every evaluation reports its own (eval_skipped_*)."""
+    rows = _rows(14, seed=8)
+    truncated = {**rows[0], "images": [{"bytes": rows[0]["images"][0]["bytes"][:60], "path": None}]}
+    validation = datasets.concatenate_datasets([rows.select(range(12, 14)), datasets.Dataset.from_list(
+        [truncated], features=rows.features)])
+    datasets.DatasetDict({"train": rows.select(range(12)), "validation": validation}).save_to_disk(tmp_path / "data")
+    proc = run_entry([*RUN, "--output_dir", str(tmp_path / "out"), "--dataset_name_or_path", str(tmp_path / "data"),
+                      "--eval_split", "validation", "--eval_strategy", "steps", "--eval_steps", "1",
+                      "--max_steps", "2"])
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert log.count("'data/skipped_total': '0'") == 2 and "data/skipped/" not in log  # training: nothing skipped
+    assert log.count("'eval_skipped_total': '1', 'eval_skipped/bad_image': '1'") == 2  # each evaluation: its one row

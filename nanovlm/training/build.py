@@ -354,15 +354,17 @@ def build_datasets(data_args, training_args, processor, train_rows, eval_rows, m
     `model_config` prices packs for `--balance_batches` (training packs only; evaluation order does not matter).
     Raises `UsageError` when no sample with an image fits `--seq_length` / `--max_sample_length`."""
     check_sample_fits(data_args, processor)
-    builder = SampleBuilder(
-        processor,
-        thresholds=RatingThresholds(**{name: getattr(data_args, f"min_{name}_rating") for name in RATING_COLUMNS}),
-        max_sample_length=data_args.max_sample_length,
-        max_images_per_example=data_args.max_images_per_example,
-        max_image_pixels=data_args.max_image_pixels,
-    )
 
     def source(rows, seed, first=0):
+        # a builder (and so a skip counter) per dataset: with a shared one, the rows evaluation skipped were counted
+        # in the training's data/skipped_* when there are no DataLoader workers (and not with workers)
+        builder = SampleBuilder(
+            processor,
+            thresholds=RatingThresholds(**{name: getattr(data_args, f"min_{name}_rating") for name in RATING_COLUMNS}),
+            max_sample_length=data_args.max_sample_length,
+            max_images_per_example=data_args.max_images_per_example,
+            max_image_pixels=data_args.max_image_pixels,
+        )
         if data_args.streaming:
             return SampleStream(rows, builder)
         return SampleDataset(rows, builder, seed=seed, first=first)
