@@ -147,3 +147,21 @@ def test_rows_evaluation_skips_are_its_own_and_counted_per_evaluation(tmp_path):
     assert proc.returncode == 0, log[-3000:]
     assert log.count("'data/skipped_total': '0'") == 2 and "data/skipped/" not in log  # training: nothing skipped
     assert log.count("'eval_skipped_total': '1', 'eval_skipped/bad_image': '1'") == 2  # each evaluation: its one row
+
+
+def test_turns_the_rating_filter_drops_from_kept_rows_are_logged(tmp_path):
+    """A row keeps its turns over the --min_*_rating thresholds; the dropped turns were counted by the sample builder
+    but reported nowhere (only rows losing every turn showed, as a skip): a filter that cut half the answers of the
+    data trained without a trace in the logs."""
+    rows = _rows(12, seed=9).map(lambda row: {
+        "texts": [row["texts"][0], {"user": "And again?", "assistant": "no"}],
+        **{c: [5, 1 if c == "relevance_ratings" else 5] for c in COLUMNS[2:]},
+    })
+    rows.save_to_disk(tmp_path / "data")
+    proc = run_entry([*RUN, "--output_dir", str(tmp_path / "out"), "--dataset_name_or_path", str(tmp_path / "data"),
+                      "--eval_split", "none", "--val_size", "0", "--min_relevance_rating", "2",
+                      "--per_device_train_batch_size", "1", "--max_steps", "1"])
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    # the first pack comes after the first round measured every row of the epoch: 12 rows, one turn dropped from each
+    assert "'data/turns_dropped_by_rating': '12', 'data/skipped_total': '0'" in log

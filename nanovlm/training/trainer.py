@@ -42,7 +42,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.collator import BOOKKEEPING_KEY
-from ..data.packing import PackedDataset, combine_pack_states
+from ..data.packing import TURNS_DROPPED_KEY, PackedDataset, combine_pack_states
 from ..data.samples import IGNORE_INDEX
 from .checkpoints import (
     check_resume_checkpoint,
@@ -244,6 +244,7 @@ class NanoVLMTrainer(Trainer):
             logs["perf/step_flops_max_over_mean"] = self._flops_imbalance(steps)
         # summed over processes: each rank skips in its own share of the rows (one collective, as _gathered)
         skipped = sum((Counter(c) for c in self._gather_objects(dict(self.skip_counts))), Counter())
+        logs["data/turns_dropped_by_rating"] = float(skipped.pop(TURNS_DROPPED_KEY, 0))
         logs["data/skipped_total"] = float(sum(skipped.values()))
         for reason, n in sorted(skipped.items()):
             logs[f"data/skipped/{reason}"] = float(n)
@@ -298,6 +299,7 @@ class NanoVLMTrainer(Trainer):
         }
         # the held-out rows' skips, summed over workers and processes (as data/skipped_* for training)
         skips = sum((Counter(c) for counts in self._gather_objects(list(skipped.values())) for c in counts), Counter())
+        metrics[f"{metric_key_prefix}_turns_dropped_by_rating"] = float(skips.pop(TURNS_DROPPED_KEY, 0))
         metrics[f"{metric_key_prefix}_skipped_total"] = float(sum(skips.values()))
         metrics.update({f"{metric_key_prefix}_skipped/{reason}": float(n) for reason, n in sorted(skips.items())})
         self.log(metrics)
