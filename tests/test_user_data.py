@@ -165,3 +165,72 @@ def test_turns_the_rating_filter_drops_from_kept_rows_are_logged(tmp_path):
     assert proc.returncode == 0, log[-3000:]
     # the first pack comes after the first round measured every row of the epoch: 12 rows, one turn dropped from each
     assert "'data/turns_dropped_by_rating': '12', 'data/skipped_total': '0'" in log
+
+
+def _epoch_with_workers(data: Path, tmp_path: Path, workers: int, streaming: str) -> tuple[list[str], dict]:
+    """(the texts of every sample of epoch 0, the skip counts summed over workers) of the entry point's training
+    data read through a DataLoader with `workers` workers, as the trainer reads it."""
+    from torch.utils.data import DataLoader
+
+    from nanovlm.training.build import build_datasets, build_model_and_processor, load_rows
+    from nanovlm.training.parser import parse_args
+
+    model_args, data_args, training_args = parse_args([
+        "--config", str(ROOT / "configs/train/demo.yaml"), "--output_dir", str(tmp_path), "--dataset_name_or_path",
+        str(data), "--synthetic_dataset", "false", "--curriculum_split", "none", "--eval_split", "none",
+        "--val_size", "0", "--min_relevance_rating", "2", "--dataloader_num_workers", str(workers),
+        "--streaming", streaming,
+    ])
+    train_rows, _ = load_rows(data_args, training_args)
+    model, processor = build_model_and_processor(model_args, train_rows)
+    train, _, _ = build_datasets(data_args, training_args, processor, train_rows, None, model_config=model.config)
+    texts, counts, done = [], {}, set()
+    for pack in DataLoader(train, batch_size=None, num_workers=workers):
+        worker = pack["state"]["worker"]
+        if worker in done:  # this worker is in epoch 1 already
+            continue
+        texts += [processor.tokenizer.decode(s["input_ids"]) for s in pack["samples"]]
+        counts[worker] = pack["skipped"]["counts"]
+        if pack["state"]["epoch"] == 1:  # its last pack of epoch 0
+            done.add(worker)
+        if len(done) == max(1, workers):
+            break
+    total: dict[str, int] = {}
+    for worker_counts in counts.values():
+        for reason, n in worker_counts.items():
+            total[reason] = total.get(reason, 0) + n
+    return sorted(texts), total
+
+
+def test_two_workers_map_style_and_streaming_use_every_row_once_or_count_it(tmp_path):
+    """The bad and odd rows of test_bad_rows_accounting (there read map-style without workers) with 2 DataLoader
+    workers, map-style and streamed: the same samples, each once, and the same skips by reason."""
+    from collections import Counter
+
+    from test_bad_rows_accounting import GOOD_ROWS, _features, bad_and_odd_rows
+
+    rows, _ = bad_and_odd_rows()
+    good = _rows(GOOD_ROWS, seed=0).cast(_features())
+    bad = datasets.Dataset.from_list([row for row, _ in rows.values()], features=_features())
+    datasets.concatenate_datasets([good, bad]).save_to_disk(tmp_path / "data")
+    expected = dict(Counter(reason for _, reason in rows.values() if reason))
+    trained = GOOD_ROWS + sum(1 for _, reason in rows.values() if reason is None)
+    map_texts, map_skips = _epoch_with_workers(tmp_path / "data", tmp_path / "m", 2, "false")
+    stream_texts, stream_skips = _epoch_with_workers(tmp_path / "data", tmp_path / "s", 2, "true")
+    assert map_skips == stream_skips == expected
+    assert len(map_texts) == trained and map_texts == stream_texts
+
+
+def test_configs_of_image_data_and_of_image_paths_name_the_differing_column(user_data, tmp_path):
+    """The error printed both configs' whole features (thousands of characters) and a Python-only fix (columns=)."""
+    path = user_data / "configs"
+    proc = run_entry([*RUN, "--output_dir", str(tmp_path / "out"), "--dataset_name_or_path", str(path),
+                      "--dataset_configs", "a", "b", "--eval_split", "none", "--val_size", "2", "--max_steps", "1"])
+    assert proc.returncode == 1
+    assert _errors(proc) == [
+        f"train_accelerate.py: error: --dataset_name_or_path {path} (--dataset_configs ['a', 'b'], split 'train'): "
+        f"The configs of '{path}' cannot be combined: their columns differ (images: a List(Image(mode=None, "
+        "decode=False)), b List(Value('string'))). Give every config the same columns and types (e.g. images stored "
+        "as image data in all of them, or as file paths in all), or list only compatible ones in --dataset_configs "
+        "(configs=...)."
+    ]

@@ -394,11 +394,24 @@ def _combine_configs(loaded: list[tuple[str | None, AnyDataset]], source: Any, s
             return datasets.interleave_datasets(parts, stopping_strategy="all_exhausted_without_replacement")
         return datasets.concatenate_datasets(parts)
     except Exception as err:
-        features = "; ".join(f"{name}: {ds.features}" for name, ds in loaded)
         raise ValueError(
-            f"The configs of {source!r} cannot be combined ({type(err).__name__}: {_short(err)}). Their features: "
-            f"{features}. Load them separately or pass columns=... to keep only compatible columns."
+            f"The configs of {source!r} cannot be combined: their columns differ ({_feature_differences(loaded)}). "
+            "Give every config the same columns and types (e.g. images stored as image data in all of them, or as "
+            "file paths in all), or list only compatible ones in --dataset_configs (configs=...)."
         ) from err
+
+
+def _feature_differences(loaded: list[tuple[str | None, AnyDataset]]) -> str:
+    """"column: config a Type, config b Other; ..." for the columns whose type is not the same in every config (the
+    whole features dump of each config ran to thousands of characters). "unknown" for a stream not yet read."""
+    known = {name: ds.features for name, ds in loaded}
+    if any(f is None for f in known.values()):
+        return "; ".join(f"{name}: {'unknown until read' if f is None else 'known'}" for name, f in known.items())
+    columns = sorted({c for f in known.values() for c in f if c != SHARD_ERROR_COLUMN})
+    differing = [c for c in columns if len({repr(f.get(c)) for f in known.values()}) > 1]
+    return "; ".join(
+        f"{c}: " + ", ".join(f"{name} {f[c] if c in f else 'missing'}" for name, f in known.items()) for c in differing
+    )
 
 
 def gather_across_ranks(value: Any) -> list[Any]:
