@@ -17,8 +17,8 @@ from nanovlm.data.sources import load_finevision
 
 
 def _errors(proc) -> list[str]:
-    """`error_lines` less `datasets`' progress lines for a first read of data files."""
-    return [line for line in error_lines(proc) if not line.startswith("Generating ")]
+    """`error_lines` less `datasets`' progress lines for a first read of data files (Generating ..., Map ...)."""
+    return [line for line in error_lines(proc) if not line.startswith(("Generating ", "Map"))]
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["images", "texts", "relevance_ratings", "image_correspondence_ratings", "visual_dependency_ratings",
