@@ -234,3 +234,17 @@ def test_configs_of_image_data_and_of_image_paths_name_the_differing_column(user
         "as image data in all of them, or as file paths in all), or list only compatible ones in --dataset_configs "
         "(configs=...)."
     ]
+
+
+def test_a_config_named_twice_or_an_eval_split_equal_to_the_train_split_is_refused(user_data, tmp_path):
+    """`--dataset_configs a a` loaded `a` twice (every row read twice per epoch) and `--eval_split train` validated on
+    the training rows, both without a word."""
+    proc = run_entry([*RUN, "--output_dir", str(tmp_path / "out"), "--dataset_name_or_path",
+                      str(user_data / "configs"), "--dataset_configs", "a", "b", "a", "--eval_split", "train"])
+    assert proc.returncode == 1
+    assert _errors(proc) == [
+        "train_accelerate.py: error: 2 invalid arguments:",
+        "  --eval_split must differ from --train_split (validation on the training rows): got 'train'; use "
+        "--eval_split none with --val_size N to hold out N rows",
+        "  --dataset_configs lists a more than once: name each config once",
+    ]
