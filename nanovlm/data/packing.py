@@ -47,6 +47,11 @@ __all__ = [
 ]
 
 
+# In a pack's skip counts ("skipped": {"worker", "counts"}), the turns the rating filter dropped from kept rows: a
+# count beside the skip reasons, not one of them (the trainer logs it as data/turns_dropped_by_rating).
+TURNS_DROPPED_KEY = "turns_dropped_by_rating"
+
+
 class NoSamplesError(ValueError):
     """A whole epoch of an infinite PackedDataset gave no sample (every row empty or skipped): looping on would spin
     forever without yielding."""
@@ -386,7 +391,10 @@ class PackedDataset(IterableDataset):
         pack = {"samples": samples, "state": state}
         counter = getattr(self.source, "counter", None)
         if counter is not None:
-            pack["skipped"] = {"worker": worker, "counts": dict(counter.reasons)}
+            counts = dict(counter.reasons)
+            if getattr(counter, "turns_dropped", 0):  # not a skip: kept rows lost some turns to the rating filter
+                counts[TURNS_DROPPED_KEY] = counter.turns_dropped
+            pack["skipped"] = {"worker": worker, "counts": counts}
         return pack
 
     def _restore_skip_counts(self, worker: int) -> None:
@@ -395,6 +403,8 @@ class PackedDataset(IterableDataset):
         counts = (self._resume.get("skipped") or {}).get(str(worker))
         counter = getattr(self.source, "counter", None)
         if counts is not None and counter is not None:
+            counts = dict(counts)
+            counter.turns_dropped = counts.pop(TURNS_DROPPED_KEY, 0)
             counter.reasons.clear()
             counter.reasons.update(counts)
 

@@ -246,8 +246,10 @@ class SampleStream:
             raise TypeError(f"rows must be iterable, got {type(rows).__name__}.")
         if spill_dir is not None and not os.path.isdir(spill_dir):
             raise ValueError(f"spill_dir={spill_dir!r} is not a folder: give an existing folder, or None for $TMPDIR.")
-        if isinstance(rows, datasets.IterableDataset):
-            rows = rows.decode(False)  # images stay {"bytes", "path"}: the builder counts bad ones
+        if isinstance(rows, datasets.IterableDataset) and rows.features is not None:
+            # images stay {"bytes", "path"}: the builder counts bad ones. A stream whose features are unknown until
+            # read (a streamed .json file) decodes nothing anyway, and `decode` refuses it.
+            rows = rows.decode(False)
         self.rows = rows
         self.builder = builder
         self.log_every = log_every

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import datasets
 import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from datasets.data_files import DataFilesDict, get_data_patterns
 from datasets.distributed import split_dataset_by_node
 
 from .conversations import RATING_COLUMNS
@@ -48,6 +49,7 @@ DATA_FILE_BUILDERS: dict[str, str] = {
     ".arrow": "arrow",
 }
 _MAX_ERROR_CHARS = 300
+JSON_SUFFIXES = (".json", ".jsonl")
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -99,7 +101,47 @@ def _load_local_folder(path: Path, split: str, streaming: bool, num_shards: int,
         if streaming:
             ds = ds.to_iterable_dataset(num_shards=max(1, min(num_shards, len(ds))))
         return ds
+    if any(path.glob("*.json")) or any(path.glob("*.jsonl")):
+        # Read as JSON files, not by `datasets`' guess, which takes a folder holding more image files than JSON files
+        # (a JSONL beside its img/ folder) for an image folder; the splits from the file names, as `datasets` does.
+        splits = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path),
+                                             allowed_extensions=list(JSON_SUFFIXES))
+        if split not in splits:
+            raise ValueError(f"{path} has no split {split!r}; its splits are {sorted(splits)} (from its file names).")
+        return _load_json_files(list(splits[split]), split, streaming, **kwargs)
     return datasets.load_dataset(str(path), split=split, streaming=streaming, **kwargs)
+
+
+def _relative_to(folder: str, images: Any) -> Any:
+    """A row's `images` with each relative path (a string, or a dict with a path and no bytes) joined to `folder`."""
+    def resolve(image: Any) -> Any:
+        if isinstance(image, str) and image and not os.path.isabs(image):
+            return os.path.join(folder, image)
+        if isinstance(image, dict) and not image.get("bytes") and isinstance(image.get("path"), str):
+            return {**image, "path": _relative_to(folder, image["path"])}
+        return image
+
+    return [resolve(im) for im in images] if isinstance(images, list) else resolve(images)
+
+
+def _load_json_files(files: list[str], split: str, streaming: bool, **kwargs: Any) -> AnyDataset:
+    """JSON/JSONL files whose relative image paths are taken from each file's own folder, as `datasets`' own
+    image folders read the `file_name` of their metadata.jsonl. Why: resolved from the working directory, a JSONL
+    written next to its `img/` folder lost every image (all rows `bad_image`) unless training ran from that folder.
+    Files are loaded per folder and concatenated in order."""
+    parts = []
+    for folder, group in itertools.groupby(files, key=lambda f: os.path.dirname(os.path.abspath(f))):
+        ds = datasets.load_dataset("json", data_files={split: list(group)}, split=split, streaming=streaming, **kwargs)
+        parts.append(_images_relative_to(folder, ds))
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _images_relative_to(folder: str, ds: AnyDataset) -> AnyDataset:
+    """`ds` with the relative image paths of its rows joined to `folder` (see `_load_json_files`)."""
+    if ds.column_names is not None and "images" not in ds.column_names:
+        return ds
+    # unknown columns (a stream): a row without `images` gets None there, which means no image
+    return ds.map(lambda row: {"images": _relative_to(folder, row.get("images"))})
 
 
 def _load_one(
@@ -108,6 +150,8 @@ def _load_one(
     """Load one config (or the files/folder itself when `config` is None) as a Dataset or IterableDataset."""
     if isinstance(source, list):
         builder, files = _data_files(source)
+        if builder == "json":
+            return _load_json_files(files, split, streaming, **kwargs)
         return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming, **kwargs)
     if _looks_local(source):
         path = Path(os.path.expanduser(source))
@@ -167,6 +211,24 @@ def skip_bad_shards(ds: IterableDataset, label: str) -> IterableDataset:
         _shard_rows, features=features,
         gen_kwargs={"shard": list(range(source.num_shards)), "source": source, "label": label},
     )
+
+
+def has_one_split(source: str | os.PathLike, configs: Sequence[str] | str | None = None) -> bool:
+    """Whether a local source holds a single split, which `load_finevision` returns whatever split is asked for:
+    data files (a file or a glob) or a folder written by `Dataset.save_to_disk` (not a DatasetDict), itself or, with
+    `configs`, one of its config sub-folders. A folder of data files (splits from the file names: train-*.parquet,
+    validation-*.parquet), a DatasetDict folder and a hub id are not."""
+    source = os.fspath(source)
+    if not _looks_local(source):
+        return False
+    path = Path(os.path.expanduser(source))
+    if not path.is_dir():
+        return path.is_file() or any(c in source for c in "*?[")
+    if configs == "all" or configs == ["all"]:
+        folders = [p for p in path.iterdir() if p.is_dir()]
+    else:
+        folders = [path] if not configs else [path / c for c in ([configs] if isinstance(configs, str) else configs)]
+    return any((f / "state.json").is_file() and not (f / "dataset_dict.json").is_file() for f in folders)
 
 
 def _config_names(source: str, revision: str | None) -> list[str]:
@@ -332,11 +394,24 @@ def _combine_configs(loaded: list[tuple[str | None, AnyDataset]], source: Any, s
             return datasets.interleave_datasets(parts, stopping_strategy="all_exhausted_without_replacement")
         return datasets.concatenate_datasets(parts)
     except Exception as err:
-        features = "; ".join(f"{name}: {ds.features}" for name, ds in loaded)
         raise ValueError(
-            f"The configs of {source!r} cannot be combined ({type(err).__name__}: {_short(err)}). Their features: "
-            f"{features}. Load them separately or pass columns=... to keep only compatible columns."
+            f"The configs of {source!r} cannot be combined: their columns differ ({_feature_differences(loaded)}). "
+            "Give every config the same columns and types (e.g. images stored as image data in all of them, or as "
+            "file paths in all), or list only compatible ones in --dataset_configs (configs=...)."
         ) from err
+
+
+def _feature_differences(loaded: list[tuple[str | None, AnyDataset]]) -> str:
+    """"column: config a Type, config b Other; ..." for the columns whose type is not the same in every config (the
+    whole features dump of each config ran to thousands of characters). "unknown" for a stream not yet read."""
+    known = {name: ds.features for name, ds in loaded}
+    if any(f is None for f in known.values()):
+        return "; ".join(f"{name}: {'unknown until read' if f is None else 'known'}" for name, f in known.items())
+    columns = sorted({c for f in known.values() for c in f if c != SHARD_ERROR_COLUMN})
+    differing = [c for c in columns if len({repr(f.get(c)) for f in known.values()}) > 1]
+    return "; ".join(
+        f"{c}: " + ", ".join(f"{name} {f[c] if c in f else 'missing'}" for name, f in known.items()) for c in differing
+    )
 
 
 def gather_across_ranks(value: Any) -> list[Any]:
@@ -509,6 +584,7 @@ __all__ = [
     "FINEVISION_COLUMNS",
     "check_ranks_agree",
     "gather_across_ranks",
+    "has_one_split",
     "load_finevision",
     "shard_for_rank",
     "shuffle_dataset",

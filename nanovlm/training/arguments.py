@@ -439,6 +439,9 @@ class DataArguments(_SyntheticFlags):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 errors.append(f"--{name} must be a split name or None: got {value!r}")
+        if self.eval_split and self.eval_split == self.train_split:  # it would validate on the training rows
+            errors.append(f"--eval_split must differ from --train_split (validation on the training rows): got "
+                          f"{self.eval_split!r}; use --eval_split none with --val_size N to hold out N rows")
         if self.curriculum_split and self.curriculum_split in (self.train_split, self.eval_split):
             errors.append(
                 f"--curriculum_split must differ from --train_split and --eval_split: got {self.curriculum_split!r}"
@@ -450,6 +453,9 @@ class DataArguments(_SyntheticFlags):
         self.dataset_configs = as_str_list(errors, "dataset_configs", self.dataset_configs)
         if self.dataset_configs is not None and "all" in self.dataset_configs and len(self.dataset_configs) > 1:
             errors.append(f"--dataset_configs must be 'all' alone or a list of configs: got {self.dataset_configs}")
+        repeated = sorted({c for c in self.dataset_configs or () if self.dataset_configs.count(c) > 1})
+        if repeated:  # each would be loaded again: its rows read twice per epoch
+            errors.append(f"--dataset_configs lists {', '.join(repeated)} more than once: name each config once")
         for name in RATING_FIELDS:
             value = getattr(self, name)
             if not is_int(value) or not 1 <= value <= 5:

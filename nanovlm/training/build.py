@@ -24,7 +24,14 @@ from ..data.conversations import RATING_COLUMNS, RatingThresholds
 from ..data.packing import PackedDataset
 from ..data.readers import SampleDataset, SampleStream
 from ..data.samples import SampleBuilder
-from ..data.sources import load_finevision, shard_for_rank, shuffle_dataset, split_train_val, stream_read_factor
+from ..data.sources import (
+    has_one_split,
+    load_finevision,
+    shard_for_rank,
+    shuffle_dataset,
+    split_train_val,
+    stream_read_factor,
+)
 from ..modeling_nanovlm import NanoVLMForConditionalGeneration
 from ..processing_nanovlm import NanoVLMProcessor
 from ..tokenizer import extend_tokenizer, train_tokenizer
@@ -81,9 +88,10 @@ def check_dataset_path(path: str) -> None:
 def _load_split(data_args, split: str, streaming: bool | None = None):
     """`load_finevision` of one split; its every-config-failed error becomes one line naming the flags."""
     streaming = data_args.streaming if streaming is None else streaming
+    configs = data_args.dataset_configs
+    configs = "all" if configs == ["all"] else configs  # the command line gives a list; "all" alone means every one
     try:
-        return load_finevision(data_args.dataset_name_or_path, data_args.dataset_configs, split=split,
-                               streaming=streaming)
+        return load_finevision(data_args.dataset_name_or_path, configs, split=split, streaming=streaming)
     except ValueError as err:
         detail = " ".join(str(err).split())  # its per-config list, on one line
         raise UsageError(
@@ -92,17 +100,38 @@ def _load_split(data_args, split: str, streaming: bool | None = None):
         ) from err
 
 
+def check_single_split(data_args) -> None:
+    """Raise a one-line `UsageError` when `--eval_split` / `--curriculum_split` is asked of a source that holds one
+    split (data files, a `save_to_disk` Dataset): it is returned under any split name, so the run validated on its
+    training rows (or read every row twice per epoch) without a word."""
+    if not has_one_split(data_args.dataset_name_or_path, data_args.dataset_configs):
+        return
+    for flag in ("eval_split", "curriculum_split"):
+        if getattr(data_args, flag):
+            raise UsageError(
+                f"--{flag} {getattr(data_args, flag)}: --dataset_name_or_path {data_args.dataset_name_or_path} holds "
+                "one split (data files or a saved Dataset: all training rows); use --eval_split none with --val_size "
+                "N to hold out N rows (and --curriculum_split none), or a DatasetDict folder or a folder whose file "
+                "names give the splits (train-*.parquet, validation-*.parquet)"
+            )
+
+
 def load_rows(data_args, training_args):
     """(train rows, eval rows or None): loaded, held out and (streaming) shuffled, NOT yet split by process: the
     tokenizer is trained on the same rows in every process; `build_datasets` takes each process's share."""
     check_dataset_path(data_args.dataset_name_or_path)
+    check_single_split(data_args)
     rows = _load_split(data_args, data_args.train_split)
     if data_args.eval_split:
         eval_rows = _load_split(data_args, data_args.eval_split)
         if data_args.val_size and not data_args.streaming and data_args.val_size < len(eval_rows):
             eval_rows = eval_rows.select(range(data_args.val_size))
     else:
-        rows, eval_rows = split_train_val(rows, data_args.val_size, seed=training_args.seed)
+        try:
+            rows, eval_rows = split_train_val(rows, data_args.val_size, seed=training_args.seed)
+        except ValueError as err:  # more held out than there are rows: one line, not a traceback
+            raise UsageError(f"--val_size {data_args.val_size} (--dataset_name_or_path "
+                             f"{data_args.dataset_name_or_path}): {err}") from err
     if data_args.streaming:
         rows = shuffle_dataset(rows, seed=training_args.seed, buffer_size=data_args.stream_shuffle_buffer_size)
     return rows, eval_rows
@@ -325,15 +354,17 @@ def build_datasets(data_args, training_args, processor, train_rows, eval_rows, m
     `model_config` prices packs for `--balance_batches` (training packs only; evaluation order does not matter).
     Raises `UsageError` when no sample with an image fits `--seq_length` / `--max_sample_length`."""
     check_sample_fits(data_args, processor)
-    builder = SampleBuilder(
-        processor,
-        thresholds=RatingThresholds(**{name: getattr(data_args, f"min_{name}_rating") for name in RATING_COLUMNS}),
-        max_sample_length=data_args.max_sample_length,
-        max_images_per_example=data_args.max_images_per_example,
-        max_image_pixels=data_args.max_image_pixels,
-    )
 
     def source(rows, seed, first=0):
+        # a builder (and so a skip counter) per dataset: with a shared one, the rows evaluation skipped were counted
+        # in the training's data/skipped_* when there are no DataLoader workers (and not with workers)
+        builder = SampleBuilder(
+            processor,
+            thresholds=RatingThresholds(**{name: getattr(data_args, f"min_{name}_rating") for name in RATING_COLUMNS}),
+            max_sample_length=data_args.max_sample_length,
+            max_images_per_example=data_args.max_images_per_example,
+            max_image_pixels=data_args.max_image_pixels,
+        )
         if data_args.streaming:
             return SampleStream(rows, builder)
         return SampleDataset(rows, builder, seed=seed, first=first)

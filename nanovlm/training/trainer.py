@@ -42,7 +42,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.collator import BOOKKEEPING_KEY
-from ..data.packing import PackedDataset, combine_pack_states
+from ..data.packing import TURNS_DROPPED_KEY, PackedDataset, combine_pack_states
 from ..data.samples import IGNORE_INDEX
 from .checkpoints import (
     check_resume_checkpoint,
@@ -244,6 +244,7 @@ class NanoVLMTrainer(Trainer):
             logs["perf/step_flops_max_over_mean"] = self._flops_imbalance(steps)
         # summed over processes: each rank skips in its own share of the rows (one collective, as _gathered)
         skipped = sum((Counter(c) for c in self._gather_objects(dict(self.skip_counts))), Counter())
+        logs["data/turns_dropped_by_rating"] = float(skipped.pop(TURNS_DROPPED_KEY, 0))
         logs["data/skipped_total"] = float(sum(skipped.values()))
         for reason, n in sorted(skipped.items()):
             logs[f"data/skipped/{reason}"] = float(n)
@@ -268,16 +269,21 @@ class NanoVLMTrainer(Trainer):
     # ---- evaluation ----------------------------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Token-weighted loss over the whole held-out set (or `eval_max_batches` batches per process)."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, PackedDataset) and hasattr(dataset.source, "counter"):
+            dataset.source.counter.reset()  # this evaluation's skips only (workers start from this copy)
         dataloader: DataLoader = self.get_eval_dataloader(eval_dataset)
         model = self._wrap_model(self.model, training=False, dataloader=dataloader)
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # (sum of token losses, tokens)
+        skipped: dict[int, dict] = {}  # each worker's counts at its last pack
         start = time.perf_counter()
         with torch.no_grad():
             for i, inputs in enumerate(dataloader):
                 if self.args.eval_max_batches is not None and i >= self.args.eval_max_batches:
                     break
                 inputs = self._prepare_inputs(inputs)
+                skipped.update((entry["worker"], entry["counts"]) for entry in self._bookkeeping.get("skipped") or ())
                 n_tokens = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
                 with self.compute_loss_context_manager():
                     loss = model(**inputs, num_items_in_batch=torch.ones((), device=self.args.device)).loss
@@ -291,6 +297,11 @@ class NanoVLMTrainer(Trainer):
             f"{metric_key_prefix}_tokens": totals[1].item(),
             f"{metric_key_prefix}_runtime": time.perf_counter() - start,
         }
+        # the held-out rows' skips, summed over workers and processes (as data/skipped_* for training)
+        skips = sum((Counter(c) for counts in self._gather_objects(list(skipped.values())) for c in counts), Counter())
+        metrics[f"{metric_key_prefix}_turns_dropped_by_rating"] = float(skips.pop(TURNS_DROPPED_KEY, 0))
+        metrics[f"{metric_key_prefix}_skipped_total"] = float(sum(skips.values()))
+        metrics.update({f"{metric_key_prefix}_skipped/{reason}": float(n) for reason, n in sorted(skips.items())})
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self.model.train()
