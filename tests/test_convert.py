@@ -408,8 +408,8 @@ def test_output_into_the_input_folder_is_refused(original, tmp_path, capsys):
     before = (src / "config.json").read_bytes(), (src / "model.safetensors").read_bytes()
     assert main(["--input", str(src), "--output", str(src / ".." / "src")]) == 2
     assert capsys.readouterr().err == (
-        f"nanovlm-convert: error: --output {src / '..' / 'src'} is the --input folder: the converted config.json and "
-        "model.safetensors would replace the original's; pass another --output folder\n"
+        f"nanovlm-convert: error: --output {src / '..' / 'src'} is the --input folder, which it would overwrite; pass "
+        "a folder outside it\n"
     )
     assert ((src / "config.json").read_bytes(), (src / "model.safetensors").read_bytes()) == before
 
@@ -463,10 +463,10 @@ def test_output_inside_or_holding_the_input_is_refused(original, tmp_path, capsy
     src = write_original(tmp_path / "src", original["cfg"], original["sd"])
     assert main(["--input", str(src), "--output", str(src / "converted")]) == 2
     assert capsys.readouterr().err == (f"nanovlm-convert: error: --output {src / 'converted'} lies inside the --input "
-                                       f"folder {src}; pass an --output folder outside the original checkpoint\n")
+                                       f"folder {src}; pass a folder outside it\n")
     assert main(["--input", str(src), "--output", str(tmp_path), "--overwrite"]) == 2
-    assert capsys.readouterr().err == (f"nanovlm-convert: error: --output {tmp_path} holds the --input folder {src} "
-                                       "(--overwrite would delete it); pass an --output folder outside it\n")
+    assert capsys.readouterr().err == (f"nanovlm-convert: error: --output {tmp_path} holds the --input folder {src}, "
+                                       "which --overwrite would delete; pass a folder outside it\n")
     assert sorted(p.name for p in src.iterdir()) == ["config.json", "model.safetensors"]
 
 

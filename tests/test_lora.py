@@ -261,7 +261,7 @@ def test_merge_refuses_to_overwrite_and_loads_in_a_fresh_process(lora_run, tmp_p
     stale.parent.mkdir()
     stale.write_text("from an earlier run")
     with pytest.raises(FileExistsError, match=f"output_dir {tmp_path / 'merged'} exists and is not empty; pass a "
-                                              "new folder, or overwrite=True to replace it"):
+                                              "new folder, or overwrite=True to replace its contents"):
         merge_lora_checkpoint(final, tmp_path / "merged")
     for folder, what in ((final, "adapter"), (lora_run["base"], "base model")):
         with pytest.raises(ValueError, match=f"output_dir {folder} is the {what} folder"):
@@ -295,11 +295,11 @@ def test_merge_never_deletes_or_writes_into_its_inputs(lora_run):
     line now, before anything is loaded or deleted."""
     final, run_dir = lora_run["out"] / "final", lora_run["out"]
     before = sorted(p.name for p in run_dir.iterdir())
-    with pytest.raises(ValueError, match=f"output_dir {run_dir} holds the adapter folder {final}, which overwrite "
-                                         "would delete; pass an output_dir outside it"):
+    with pytest.raises(ValueError, match=f"output_dir {run_dir} holds the adapter folder {final}, which "
+                                         "overwrite=True would delete; pass a folder outside it"):
         merge_lora_checkpoint(final, run_dir, overwrite=True)
     with pytest.raises(ValueError, match=f"output_dir {final / 'merged'} lies inside the adapter folder {final}; "
-                                         "pass an output_dir outside it"):
+                                         "pass a folder outside it"):
         merge_lora_checkpoint(final, final / "merged")
     assert sorted(p.name for p in run_dir.iterdir()) == before and (final / "adapter_config.json").is_file()
     assert not (final / "merged").exists()

@@ -58,7 +58,7 @@ from nanovlm.image_processing_nanovlm import NanoVLMImageProcessor
 from nanovlm.modeling_nanovlm import NanoVLMForConditionalGeneration
 from nanovlm.processing_nanovlm import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, NanoVLMProcessor, tile_token
 from nanovlm.tokenizer import extend_tokenizer
-from nanovlm.training.checks import folder_overlap, is_local_path
+from nanovlm.training.checks import check_output_folder, is_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -360,30 +360,6 @@ def build_converted_processor(cfg: Mapping, tokenizer, config: NanoVLMConfig) ->
 # ---- the whole conversion -------------------------------------------------------------------------------------------
 
 
-def check_output_folder(output: str | os.PathLike, folder: Path, overwrite: bool) -> None:
-    """Refuse an `output` that would mix with or destroy the input `folder`, or (without `overwrite`) one that is
-    not empty: `save_pretrained` writes into any folder silently, so converting into a trained checkpoint replaced
-    its weights and config and kept its model card and training files, now describing another model."""
-    relation = folder_overlap(output, folder)
-    if relation == "same":  # save_pretrained would overwrite the original's two files
-        raise ValueError(
-            f"--output {output} is the --input folder: the converted config.json and model.safetensors would replace "
-            "the original's; pass another --output folder"
-        )
-    if relation == "inside":
-        raise ValueError(f"--output {output} lies inside the --input folder {folder}; pass an --output folder "
-                         "outside the original checkpoint")
-    if relation == "contains":
-        raise ValueError(f"--output {output} holds the --input folder {folder} (--overwrite would delete it); pass "
-                         "an --output folder outside it")
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--output {output} is a file; pass a folder")
-    if not overwrite and out.is_dir() and any(out.iterdir()):
-        raise FileExistsError(f"--output {output} exists and is not empty; pass a new folder, or --overwrite to "
-                              "replace its contents")
-
-
 def convert_checkpoint(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -399,7 +375,7 @@ def convert_checkpoint(
     converted model (eval mode) and processor.
     """
     folder = resolve_checkpoint(source)
-    check_output_folder(output, folder, overwrite)
+    check_output_folder(output, {"--input": folder}, overwrite, name="--output", overwrite_flag="--overwrite")
     cfg = read_original_config(folder)
     state = load_original_state_dict(folder)
     converted = convert_state_dict(state, cfg)
@@ -475,7 +451,6 @@ if __name__ == "__main__":
 __all__ = [
     "build_converted_processor",
     "build_tokenizer",
-    "check_output_folder",
     "convert_checkpoint",
     "convert_config",
     "main",

@@ -38,6 +38,31 @@ def folder_overlap(folder: str | os.PathLike, other: str | os.PathLike) -> str |
     return None
 
 
+def check_output_folder(output: str | os.PathLike, inputs: dict[str, str | os.PathLike], overwrite: bool, *,
+                        name: str, overwrite_flag: str) -> None:
+    """Refuse, in one line naming `name` (the flag or argument), an `output` folder that is, lies in or holds one of
+    the local `inputs` ({what: folder}; hub ids are skipped), is a file, or (without `overwrite`, spelled
+    `overwrite_flag` for the user) is not empty: `save_pretrained` writes into any folder silently, so a converted or
+    merged model replaced a trained checkpoint's weights and kept its card and training files, and an overwrite
+    holding an input deleted it. Raises ValueError (an input at stake) or FileExistsError. nanovlm-convert and the
+    LoRA merge call it before loading anything."""
+    for what, folder in inputs.items():
+        if not os.path.exists(os.path.expanduser(folder)):
+            continue  # a hub id: nothing here to overwrite
+        relation = folder_overlap(output, folder)
+        if relation is not None:
+            how = {"same": f"is the {what} folder, which it would overwrite",
+                   "inside": f"lies inside the {what} folder {folder}",
+                   "contains": f"holds the {what} folder {folder}, which {overwrite_flag} would delete"}[relation]
+            raise ValueError(f"{name} {output} {how}; pass a folder outside it")
+    out = Path(os.path.expanduser(output))
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{name} {output} is a file; pass a folder")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{name} {output} exists and is not empty; pass a new folder, or {overwrite_flag} to "
+                              "replace its contents")
+
+
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

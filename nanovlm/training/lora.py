@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .checks import folder_overlap, is_local_path
+from .checks import check_output_folder, is_local_path
 from .errors import UsageError
 from .model_card import parameter_counts, read_training_info, save_training_info, write_model_card
 
@@ -158,29 +158,6 @@ def lora_info(peft_model: PeftModel) -> dict:
     }
 
 
-def _check_merge_output(output_dir: str, inputs: dict[str, str], overwrite: bool) -> None:
-    """Refuse an `output_dir` that is, lies in or holds one of the merge's input folders, or (without `overwrite`) any
-    folder that is not empty: `save_pretrained` writes into it silently, so a training checkpoint kept its optimizer
-    and trainer state beside the merged weights (a resume then trained the merged model as the base) and an adapter
-    or base folder was overwritten; with `overwrite` a folder holding the adapter was deleted."""
-    for what, path in inputs.items():
-        if not os.path.exists(os.path.expanduser(path)):
-            continue  # a hub id: nothing here to overwrite
-        relation = folder_overlap(output_dir, path)
-        if relation == "same":
-            raise ValueError(f"merge_lora_checkpoint: output_dir {output_dir} is the {what} folder, which merging would "
-                             "overwrite; pass another output_dir")
-        if relation == "inside":
-            raise ValueError(f"merge_lora_checkpoint: output_dir {output_dir} lies inside the {what} folder {path}; "
-                             "pass an output_dir outside it")
-        if relation == "contains":  # overwrite=True deleted the input (the adapter before its processor was read)
-            raise ValueError(f"merge_lora_checkpoint: output_dir {output_dir} holds the {what} folder {path}, which "
-                             "overwrite would delete; pass an output_dir outside it")
-    if not overwrite and os.path.isdir(output_dir) and os.listdir(output_dir):
-        raise FileExistsError(f"merge_lora_checkpoint: output_dir {output_dir} exists and is not empty; pass a new "
-                              "folder, or overwrite=True to replace it")
-
-
 def merge_lora_checkpoint(
     adapter_path: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -222,8 +199,8 @@ def merge_lora_checkpoint(
     if is_local_path(base) and not os.path.isdir(os.path.expanduser(base)):  # else the hub's "Repo id must be ..."
         raise FileNotFoundError(f"merge_lora_checkpoint: the base model {base} is no folder here (a relative path is "
                                 "read from the working directory); pass base_model_name_or_path=PATH")
-    _check_merge_output(os.fspath(output_dir), {"adapter": adapter_path, "base model": os.fspath(base_model_name_or_path)},
-                        overwrite)
+    check_output_folder(os.fspath(output_dir), {"adapter": adapter_path, "base model": base}, overwrite,
+                        name="merge_lora_checkpoint: output_dir", overwrite_flag="overwrite=True")
     base = NanoVLMForConditionalGeneration.from_pretrained(base_model_name_or_path)
     merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
     if overwrite and os.path.isdir(output_dir):  # no stale files (optimizer, adapter) beside the merged weights
